@@ -1,0 +1,242 @@
+"""A from-scratch Llama forward pass, readable top to bottom, that runs any ``LlamaForCausalLM``.
+
+RMSNorm, rotary position embeddings (RoPE), grouped-query attention (GQA) and a SwiGLU MLP, in
+the style of nanoGPT: one file, shapes commented where they change. ``Llama.from_hf(model)``
+takes the weights of a ``transformers`` ``LlamaForCausalLM`` (the bundled model, SmolLM2,
+Llama 3) without copying them, and reproduces its logits in float32.
+
+Its attention takes an optional KV cache: any object with ``update(key, value, layer_idx) ->
+(keys, values)`` and ``get_seq_length()``, laid out ``(batch, kv_heads, seq, head_dim)`` like
+``transformers``' ``Cache``. The position of new tokens comes from the cache's length, so the
+cache keeps the position and the model never has to be told twice.
+
+References: Touvron et al. 2023 (LLaMA); Su et al. 2021 (RoFormer, RoPE); Zhang & Sennrich 2019
+(RMSNorm); Shazeer 2020 (SwiGLU); Ainslie et al. 2023 (GQA); Karpathy's nanoGPT ``model.py``;
+``transformers/models/llama/modeling_llama.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> LlamaArgs:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rope = getattr(config, "rope_parameters", None) or {}
+        return cls(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps, rope_theta=rope.get("rope_theta", getattr(config, "rope_theta", 1e4)),
+            bias=bool(getattr(config, "attention_bias", False)), mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like the reference."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos and sin of angle position * frequency, each (T, head_dim)."""
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (first half, second half) pair of x by its position's angle. x: (B, H, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, D)
+    return x * cos + rotated * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """GQA: each KV head serves n_rep query heads. (B, KV, T, D) -> (B, KV * n_rep, T, D)."""
+    if n_rep == 1:
+        return x
+    b, kv, t, d = x.shape
+    return x[:, :, None].expand(b, kv, n_rep, t, d).reshape(b, kv * n_rep, t, d)
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean (q_len, k_len) mask, True where a query may look.
+
+    The queries are the *last* q_len of the k_len positions, so query i sees keys 0..k_len-q_len+i:
+    in prefill (q_len == k_len) this is the usual lower triangle; in a decode step (q_len == 1)
+    the one new query sees every cached key.
+    """
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D), queries last in the sequence."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    mask = None if tq == 1 else causal_mask(tq, tk, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Tq, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: LlamaArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.bias)
+        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.bias)
+        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.bias)
+        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=a.bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                attn_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
+        b, t, _ = x.shape  # (B, T, C)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, KV, T_past + T, D): the cache holds KV heads only
+        rep = self.n_heads // self.n_kv
+        y = attn_fn(q, repeat_kv(k, rep), repeat_kv(v, rep))  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: LlamaArgs, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.attn = Attention(a, layer_idx)
+        self.mlp_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = MLP(a)
+
+    def forward(self, x, cos, sin, cache=None, attn_fn: AttentionFn = sdpa_attention):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, attn_fn)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """Embedding -> N x (attention + MLP, each pre-normed, residual) -> norm -> logits."""
+
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.args = a
+        self.embed = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float) / a.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_scale = 1.0
+
+    @classmethod
+    def from_hf(cls, hf_model) -> Llama:
+        """Wrap the weights of a ``transformers`` ``LlamaForCausalLM`` (shared, not copied)."""
+        config = getattr(hf_model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type != "llama":
+            raise TypeError(
+                f"Llama.from_hf expects a LlamaForCausalLM (config.model_type 'llama'), got "
+                f"{type(hf_model).__name__} with model_type {model_type!r}: the from-scratch forward only knows Llama"
+            )
+        a = LlamaArgs.from_config(config)
+        with torch.device("meta"):
+            model = cls(a)
+        sd = {}
+        for name, tensor in hf_model.state_dict().items():
+            new = (name.replace("model.embed_tokens.", "embed.").replace("model.norm.", "norm.")
+                   .replace("model.layers.", "layers.").replace(".self_attn.", ".attn.")
+                   .replace(".input_layernorm.", ".attn_norm.").replace(".post_attention_layernorm.", ".mlp_norm."))
+            sd[new] = tensor
+        if "lm_head.weight" not in sd:  # tied embeddings
+            sd["lm_head.weight"] = sd["embed.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        rotary = hf_model.model.rotary_emb  # reuse its frequencies: covers every RoPE variant it supports
+        model.inv_freq = rotary.inv_freq.detach().clone()
+        model.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        return model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, cache=None, *, start_pos: int | None = None,
+                attn_fn: AttentionFn = sdpa_attention, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for input_ids (B, T); (B, 1, vocab) with ``last_only``.
+
+        With a cache, the new tokens sit after the ``cache.get_seq_length()`` tokens already in
+        it and their keys/values are appended to it. ``start_pos``, if given, must agree.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
+                   else type(input_ids).__name__)
+            raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids (torch.long), got {got}")
+        past = cache.get_seq_length() if cache is not None else 0
+        if start_pos is None:
+            start_pos = past
+        elif start_pos != past:
+            raise ValueError(
+                f"start_pos={start_pos} but the cache already holds {past} tokens: new tokens must be placed "
+                f"right after the cached ones (position offset = cache length)"
+            )
+        t = input_ids.shape[1]
+        positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)  # (T,)
+        x = self.embed(input_ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)  # (T, D) each
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, attn_fn)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+
+def attention_scale(head_dim: int) -> float:
+    """The 1/sqrt(d) of scaled dot-product attention."""
+    return 1.0 / math.sqrt(head_dim)

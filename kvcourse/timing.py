@@ -1,0 +1,75 @@
+"""Timing that measures the work: warm-up, device synchronisation, median of repeats.
+
+A GPU runs work asynchronously, so a timer must synchronise before reading the clock; the first
+calls pay for allocation, kernel selection and caches, so they are run and discarded first.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .devices import synchronize
+
+
+@dataclass
+class Timing:
+    """Seconds per call over ``repeats`` runs."""
+
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def max(self) -> float:
+        return max(self.times)
+
+    def __str__(self) -> str:
+        return f"{self.median * 1e3:.2f} ms (median of {len(self.times)}, {self.min * 1e3:.2f}-{self.max * 1e3:.2f})"
+
+
+def time_it(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
+            device: torch.device | str = "cpu") -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (synchronised)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    out = Timing()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.times.append(time.perf_counter() - t0)
+    return out
+
+
+class StepTimer:
+    """Per-step wall times inside a loop: ``with timer.step(): ...``."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = device
+        self.times: list[float] = []
+
+    def step(self):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                synchronize(timer.device)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                synchronize(timer.device)
+                timer.times.append(time.perf_counter() - self.t0)
+
+        return _Ctx()
