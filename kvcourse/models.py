@@ -54,11 +54,14 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     local_files_only: never touch the network; defaults to on when ``HF_HUB_OFFLINE=1``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     path = resolve_name(name)
     offline = _offline_env() if local_files_only is None else local_files_only
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its bar writes to stderr, which nbgrader scores as a failed test
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=offline)
@@ -70,4 +73,7 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
             f"To use a hub model, run once with internet so it is cached, then offline works too.\n"
             f"(transformers said: {str(err).splitlines()[0]})"
         ) from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(dev).eval(), tokenizer

