@@ -23,7 +23,7 @@ INSTRUCTOR_EXTENSIONS := @jupyter/nbgrader:create-assignment @jupyter/nbgrader:f
 # Jupyter refuses to run as root (containers, CI) unless told to.
 SERVER_OPTS := --port=$(PORT) $(if $(HEADLESS),--ServerApp.open_browser=False) $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: venv lab lab-instructor test lint bench release clean
+.PHONY: venv lab lab-instructor test lint bench release collect grade sample-submissions clean
 
 venv: $(STAMP)
 
@@ -65,6 +65,26 @@ release: $(STAMP)
 			--CourseDirectory.source_directory=$(SOLUTIONS) \
 			--CourseDirectory.release_directory=$(NOTEBOOKS); \
 	done
+
+# Instructor workflow (docs/instructor-guide.md). ASSIGNMENT is a folder name in solutions/, e.g. 03_kv_cache.
+ASSIGNMENT ?=
+need-assignment:
+	@test -n "$(ASSIGNMENT)" || { echo "set ASSIGNMENT, one of: $$(ls $(SOLUTIONS))"; exit 2; }
+
+# An LMS export: put the zip(s) in downloaded/$(ASSIGNMENT)/archive/ first.
+collect: $(STAMP) need-assignment
+	$(RUN) $(BIN)/nbgrader zip_collect $(ASSIGNMENT) --force
+
+# Autograde every submission in submitted/*/$(ASSIGNMENT)/, write feedback HTML and grades.csv.
+grade: $(STAMP) need-assignment
+	$(RUN) $(BIN)/nbgrader generate_assignment $(ASSIGNMENT) --force
+	$(RUN) $(BIN)/nbgrader autograde $(ASSIGNMENT) --force || true
+	$(RUN) $(BIN)/nbgrader generate_feedback $(ASSIGNMENT) --force
+	$(RUN) $(BIN)/nbgrader export --to grades.csv
+	$(RUN) $(BIN)/python -m kvcourse.instructor summary grades.csv
+
+sample-submissions: $(STAMP) need-assignment
+	$(RUN) $(BIN)/python -m kvcourse.instructor sample $(ASSIGNMENT)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

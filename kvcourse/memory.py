@@ -41,3 +41,56 @@ def kv_cache_bytes(config, seq_len: int, batch_size: int = 1, dtype: torch.dtype
 def tensor_bytes(tensors) -> int:
     """Bytes actually held by some tensors (e.g. a cache's buffers)."""
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """The key and value tensors a cache holds, for counting its bytes.
+
+    Works for ``transformers``' ``DynamicCache``/``StaticCache`` (``cache.layers[i].keys``), the
+    older ``key_cache``/``value_cache`` lists, ``kvcourse``'s caches (``keys``/``values`` lists)
+    and the legacy tuple of ``(key, value)`` pairs. Layers not yet filled are skipped.
+    """
+    if hasattr(cache, "layers"):
+        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
+    elif hasattr(cache, "key_cache"):
+        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
+    elif hasattr(cache, "keys") and isinstance(cache.keys, list | tuple):
+        pairs = list(zip(cache.keys, cache.values, strict=True))
+    elif isinstance(cache, list | tuple):
+        pairs = [tuple(p) for p in cache]
+    else:
+        raise TypeError(f"don't know where a {type(cache).__name__} keeps its keys and values")
+    return [t for pair in pairs for t in pair if isinstance(t, torch.Tensor)]
+
+
+def param_count(config) -> int:
+    """Parameters of a Llama-family model of this shape (a ``Shape``, a config or a shape name).
+
+    Embedding, per layer (q, k, v, o projections, SwiGLU MLP, two RMSNorm weights), final norm,
+    and an output head unless it is tied to the embedding. Matches ``sum(p.numel())`` of the
+    ``transformers`` model: SmolLM2-135M 134,515,008; Llama-3-8B 8,030,261,248;
+    Llama-3-70B 70,553,706,496.
+    """
+    if isinstance(config, str):
+        config = get_shape(config)
+    layers, heads, kv_heads, head_dim = _dims(config)
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    attn = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o; k, v
+    if getattr(config, "attention_bias", False):
+        attn += heads * head_dim + 2 * kv_heads * head_dim + hidden
+    mlp = 3 * hidden * inter + (2 * inter + hidden if getattr(config, "mlp_bias", False) else 0)
+    per_layer = attn + mlp + 2 * hidden  # + input and post-attention RMSNorm
+    embed = vocab * hidden
+    head = 0 if getattr(config, "tie_word_embeddings", False) else vocab * hidden
+    return embed + layers * per_layer + hidden + head
+
+
+def format_bytes(n: float, binary: bool = True) -> str:
+    """``1342177280`` -> ``'1.25 GiB'`` (binary, powers of 1024) or ``'1.34 GB'`` (decimal, powers of 1000)."""
+    base, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("B", "kB", "MB", "GB", "TB"))
+    value = float(n)
+    for unit in units:
+        if abs(value) < base or unit == units[-1]:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+        value /= base
+    raise AssertionError("unreachable")

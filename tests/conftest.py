@@ -20,3 +20,18 @@ def repo_root() -> Path:
 def pyproject(repo_root: Path) -> dict:
     """pyproject.toml, parsed."""
     return tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the mutant table (mutant -> test -> points lost) that tests/test_graders.py collected."""
+    import sys
+
+    mod = sys.modules.get("test_graders")
+    rows = getattr(mod, "RESULTS", None)
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("graders vs mutants (learners' mistakes)")
+    tr.write_line(f"{'mutant':34s} {'test cell':28s} {'lost':>9s}  message")
+    for mid, _why, grade_id, lost, max_score, message in sorted(rows):
+        tr.write_line(f"{mid:34s} {grade_id:28s} {lost:g} of {max_score:g}  {message}")
