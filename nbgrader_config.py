@@ -29,6 +29,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Learners delete test cells: put them back from the source notebook before grading.
 c.OverwriteCells.add_missing_cells = True
+# ...and duplicate them: nbgrader 0.9.6 then crashes on the whole submission (see kvcourse/nbgrader_fixes.py).
+try:
+    from nbgrader.preprocessors import CheckCellMetadata, ClearOutput, OverwriteCells, OverwriteKernelspec
+
+    from kvcourse.nbgrader_fixes import DeduplicateIdsDroppingMetadata
+
+    c.Autograde.sanitize_preprocessors = [
+        ClearOutput, DeduplicateIdsDroppingMetadata, OverwriteKernelspec, OverwriteCells, CheckCellMetadata,
+    ]
+except ImportError:  # kvcourse not installed where nbgrader runs: nbgrader's own (crashing) default
+    pass
 
 # `nbgrader zip_collect ID` on an LMS export (downloaded/ID/archive/*.zip) with one folder per learner
 # inside, e.g. alice/kv_cache.ipynb: the folder names the learner. For another naming scheme, change

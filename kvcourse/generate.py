@@ -7,7 +7,9 @@
 
 Greedy (argmax) decoding, so outputs are deterministic and can be compared token for token
 with ``transformers``' ``generate(do_sample=False)``. EOS is not special here: exactly
-``max_new_tokens`` are produced (pass ``min_new_tokens`` to ``transformers`` to match).
+``max_new_tokens`` are produced. To match, call ``generate(..., eos_token_id=None)`` (neither
+stop at EOS nor forbid it); ``min_new_tokens`` alone would *forbid* EOS, so wherever EOS is the
+argmax ``transformers`` would pick the runner-up and the two would part ways.
 """
 
 from __future__ import annotations

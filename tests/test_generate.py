@@ -19,7 +19,8 @@ def test_cached_generate_diverges_from_transformers(models, prompts):
     rows = [tok(p, return_tensors="pt").input_ids for p in prompts]
     ids = torch.cat([r[:, : min(r.shape[1] for r in rows)] for r in rows])  # equal lengths: no padding
     n = 40
-    expected = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
+    expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, use_cache=True, eos_token_id=None)
     assert torch.equal(generate(ours, ids, n), expected)
     assert torch.equal(generate(ours, ids, n, cache=ConcatKVCache(ours.args.num_layers)), expected)
     assert torch.equal(generate_uncached(ours, ids, n), expected)
