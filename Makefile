@@ -23,7 +23,7 @@ INSTRUCTOR_EXTENSIONS := @jupyter/nbgrader:create-assignment @jupyter/nbgrader:f
 # Jupyter refuses to run as root (containers, CI) unless told to.
 SERVER_OPTS := --port=$(PORT) $(if $(HEADLESS),--ServerApp.open_browser=False) $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: venv lab lab-instructor test lint bench release collect grade sample-submissions clean
+.PHONY: venv lab lab-instructor test lint bench release collect grade sample-submissions need-assignment clean
 
 venv: $(STAMP)
 
@@ -38,9 +38,11 @@ $(STAMP): pyproject.toml
 lab: $(STAMP)
 	mkdir -p $(NOTEBOOKS)
 	$(BIN)/jupyter labextension disable --level=sys_prefix $(INSTRUCTOR_EXTENSIONS)
+	$(BIN)/jupyter labextension lock --level=sys_prefix $(INSTRUCTOR_EXTENSIONS)
 	$(RUN) $(BIN)/jupyter lab --ServerApp.root_dir=$(NOTEBOOKS) $(SERVER_OPTS)
 
 lab-instructor: $(STAMP)
+	$(BIN)/jupyter labextension unlock --level=sys_prefix $(INSTRUCTOR_EXTENSIONS)
 	$(BIN)/jupyter labextension enable --level=sys_prefix $(INSTRUCTOR_EXTENSIONS)
 	$(RUN) $(BIN)/jupyter lab --ServerApp.root_dir=. $(SERVER_OPTS)
 
@@ -61,7 +63,7 @@ release: $(STAMP)
 		id=$$(basename "$$dir"); \
 		echo "nbgrader generate_assignment $$id"; \
 		$(RUN) $(BIN)/nbgrader generate_assignment "$$id" --force \
-			--CourseDirectory.root=. \
+			--CourseDirectory.root=$(CURDIR) \
 			--CourseDirectory.source_directory=$(SOLUTIONS) \
 			--CourseDirectory.release_directory=$(NOTEBOOKS); \
 	done
@@ -78,10 +80,11 @@ collect: $(STAMP) need-assignment
 # Autograde every submission in submitted/*/$(ASSIGNMENT)/, write feedback HTML and grades.csv.
 grade: $(STAMP) need-assignment
 	$(RUN) $(BIN)/nbgrader generate_assignment $(ASSIGNMENT) --force
-	$(RUN) $(BIN)/nbgrader autograde $(ASSIGNMENT) --force || true
-	$(RUN) $(BIN)/nbgrader generate_feedback $(ASSIGNMENT) --force
-	$(RUN) $(BIN)/nbgrader export --to grades.csv
-	$(RUN) $(BIN)/python -m kvcourse.instructor summary grades.csv
+	@status=0; $(RUN) $(BIN)/nbgrader autograde $(ASSIGNMENT) --force || status=$$?; \
+	$(RUN) $(BIN)/nbgrader generate_feedback $(ASSIGNMENT) --force \
+		&& $(RUN) $(BIN)/nbgrader export --assignment=$(ASSIGNMENT) --to grades.csv \
+		&& $(RUN) $(BIN)/python -m kvcourse.instructor summary grades.csv || exit $$?; \
+	if [ $$status -ne 0 ]; then echo "make grade: autograde could not grade some submissions (ERROR lines above); they have no feedback and 0 in grades.csv" >&2; exit $$status; fi
 
 sample-submissions: $(STAMP) need-assignment
 	$(RUN) $(BIN)/python -m kvcourse.instructor sample $(ASSIGNMENT)

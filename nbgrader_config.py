@@ -22,7 +22,7 @@ c.Execute.interrupt_on_timeout = True
 
 # Any stderr output in a test cell scores it 0. A warning raised inside a learner's (correct) code
 # must not cost points: kernels started by nbgrader inherit this environment.
-os.environ.setdefault("PYTHONWARNINGS", "ignore")
+os.environ["PYTHONWARNINGS"] = "ignore"
 # The course runs offline on its bundled model; a grader must never wait on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,4 +45,4 @@ except ImportError:  # kvcourse not installed where nbgrader runs: nbgrader's ow
 # inside, e.g. alice/kv_cache.ipynb: the folder names the learner. For another naming scheme, change
 # the regular expression (it sees the whole path of each extracted file).
 c.ZipCollectApp.collector_plugin = "nbgrader.plugins.zipcollect.FileNameCollectorPlugin"
-c.FileNameCollectorPlugin.named_regexp = r".*/(?P<student_id>[A-Za-z0-9_.-]+)/(?P<file_id>[A-Za-z0-9_.-]+\.ipynb)$"
+c.FileNameCollectorPlugin.named_regexp = r".*/(?P<student_id>[A-Za-z0-9_-][A-Za-z0-9_.-]*)/(?P<file_id>[A-Za-z0-9_-][A-Za-z0-9_.-]*\.ipynb)$"

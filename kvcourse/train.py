@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--max-positions", type=int, default=2048)
     p.add_argument("--block", type=int, default=256, help="training context length")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> Path:
         "final_val_loss": history[-1]["val_loss"],
         "train_seconds": round(train_seconds),
         "total_seconds": round(time.time() - t0),
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "hardware": f"{cpu_name()}, {torch.get_num_threads()} torch thread(s)",
+        "command": "python -m kvcourse.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
     }
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -277,6 +278,16 @@ def main(argv: list[str] | None = None) -> Path:
     (out / "README.md").write_text(model_card(stats, config, sample))
     print(f"saved to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)")
     return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def sample_text(model, tokenizer, prompt: str = "ROMEO:", n: int = 60) -> str:
@@ -297,7 +308,8 @@ pipeline_tag: text-generation
 
 A {stats['parameters'] / 1e6:.2f}M-parameter `LlamaForCausalLM` trained from scratch on Shakespeare, so the
 course runs offline. Same architecture family as SmolLM2 and Llama 3: RoPE, RMSNorm, SwiGLU and
-grouped-query attention. Reproduce it with `python -m kvcourse.train --out DIR` (all defaults).
+grouped-query attention. Reproduce it with `python -m kvcourse.train --out DIR` (the defaults are
+the settings below; this copy was made with `{stats.get('command', 'python -m kvcourse.train')}`).
 
 | | |
 |---|---|
