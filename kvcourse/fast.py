@@ -1,0 +1,273 @@
+"""The course's fast path: greedy generation with a KV cache, written the way inference engines do it.
+
+``kvcourse.generate.generate`` is the readable reference. ``FastGenerator`` does the same arithmetic, in
+the same order as ``transformers``' ``LlamaForCausalLM`` (so float32 tokens are identical to
+``generate(do_sample=False)``), but removes everything a decode step does not need:
+
+1. **Preallocated cache.** One buffer for keys and one for values, ``(layers, B, KV, S_max, D)``,
+   allocated once and written in place at the current position (gpt-fast's ``KVCache``,
+   ``transformers``' ``StaticCache``). Attention reads only the filled part, ``[:pos + 1]``.
+2. **Fused weights.** q, k and v projections stacked into one ``wqkv`` matrix, gate and up into one
+   ``w_gate_up``: one matrix-vector product instead of three (or two) per layer, as gpt-fast's
+   ``wqkv``/``w13`` and vLLM's ``QKVParallelLinear``/``MergedColumnParallelLinear``. The rows are the
+   same, so every output element is the same dot product.
+3. **RoPE from a table.** cos and sin for every position computed once; q and k are rotated together.
+4. **Last position only.** Prefill computes logits for the last prompt token only (``logits_to_keep=1``
+   in ``transformers``), decode for the one new token.
+5. **Tokens stay on the device.** The output is one preallocated ``(B, T + N)`` tensor; each step
+   writes its argmax into it and the next step reads its input from it. No ``.item()``, no
+   ``.tolist()``, no ``.cpu()``: on a GPU the host never waits for the device until the caller reads
+   the result.
+6. ``torch.inference_mode`` (no autograd bookkeeping), no Python ``Cache`` objects, no logits
+   processors, no stopping criteria: exactly ``max_new_tokens`` tokens, EOS not special.
+7. Optionally ``torch.compile`` of the decode step (``compile=True``); measure before relying on it,
+   see ``kvcourse.bench``. Compilation happens in ``warmup()``, so it stays out of per-token timings.
+
+Decoding one token reads every weight once and the whole KV cache once, and does about two flops
+per weight: it is limited by memory bandwidth, not arithmetic. ``kvcourse.bench`` reports how close
+this gets to that floor.
+
+References: gpt-fast (PyTorch Labs, ``generate.py``/``model.py``, 2023); ``transformers``
+``models/llama/modeling_llama.py`` and ``cache_utils.StaticCache``; Pope et al. 2022, "Efficiently
+Scaling Transformer Inference" (decode is memory-bound); Kwon et al. 2023 (vLLM); Karpathy's nanoGPT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .llama import Llama
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, in float32, op for op as ``LlamaRMSNorm``."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+@dataclass
+class FusedBlock:
+    """One transformer block's weights, fused. C = hidden, H/KV = query/key-value heads, D = head_dim, I = MLP."""
+
+    attn_norm: torch.Tensor  # (C,)
+    wqkv: torch.Tensor  # ((H + 2 KV) D, C): rows of q_proj, then k_proj, then v_proj
+    bqkv: torch.Tensor | None  # ((H + 2 KV) D,) or None
+    wo: torch.Tensor  # (C, H D)
+    bo: torch.Tensor | None
+    mlp_norm: torch.Tensor  # (C,)
+    w_gate_up: torch.Tensor  # (2 I, C): rows of gate_proj, then up_proj
+    b_gate_up: torch.Tensor | None
+    w_down: torch.Tensor  # (C, I)
+    b_down: torch.Tensor | None
+
+
+def _cat_rows(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack the weight rows (and biases) of several nn.Linear with the same input size."""
+    w = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    has_bias = [lin.bias is not None for lin in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("cannot fuse linear layers where only some have a bias")
+    b = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+    return w, b
+
+
+def _bias(lin) -> torch.Tensor | None:
+    return None if lin.bias is None else lin.bias.detach()
+
+
+class FastGenerator:
+    """Greedy generation for a Llama (``kvcourse.llama.Llama`` or a ``transformers`` ``LlamaForCausalLM``).
+
+    >>> gen = FastGenerator(hf_model)            # fuses weights once (copies them: ~1x model memory)
+    >>> out = gen.generate(input_ids, 300)       # (B, T) -> (B, T + 300), like generate(do_sample=False)
+
+    The KV cache is allocated on first use and kept for later calls (grown when a call needs more
+    batch or length). ``compile=True`` compiles the decode step with ``torch.compile``; if no C++
+    compiler is found, or compilation fails, it warns and runs eagerly.
+    """
+
+    def __init__(self, model, *, compile: bool = False, max_seq_len: int | None = None):
+        if not isinstance(model, Llama):
+            model = Llama.from_hf(model)  # raises a clear TypeError for non-Llama models
+        a = model.args
+        self.args = a
+        self.n_heads, self.n_kv, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        if a.num_heads % a.num_kv_heads:
+            raise ValueError(f"num_heads {a.num_heads} is not a multiple of num_kv_heads {a.num_kv_heads}")
+        self.gqa = a.num_heads != a.num_kv_heads  # SDPA shares each KV head among H / KV query heads
+        self.eps = a.rms_norm_eps
+        self.scale = a.head_dim**-0.5  # what transformers passes to SDPA as `scaling`
+        self.device, self.dtype = model.device, model.dtype
+        with torch.no_grad():
+            self.embed = model.embed.weight.detach()  # (V, C)
+            self.norm = model.norm.weight.detach()  # (C,)
+            self.lm_head = model.lm_head.weight.detach()  # (V, C), the embedding itself when tied
+            self.blocks = []
+            for layer in model.layers:
+                att, mlp = layer.attn, layer.mlp
+                wqkv, bqkv = _cat_rows(att.q_proj, att.k_proj, att.v_proj)
+                w_gu, b_gu = _cat_rows(mlp.gate_proj, mlp.up_proj)
+                self.blocks.append(FusedBlock(
+                    attn_norm=layer.attn_norm.weight.detach(), wqkv=wqkv, bqkv=bqkv,
+                    wo=att.o_proj.weight.detach(), bo=_bias(att.o_proj),
+                    mlp_norm=layer.mlp_norm.weight.detach(), w_gate_up=w_gu, b_gate_up=b_gu,
+                    w_down=mlp.down_proj.weight.detach(), b_down=_bias(mlp.down_proj),
+                ))
+        self.inv_freq, self.rope_scale = model.inv_freq.detach(), model.rope_scale
+        self.max_seq_len = 0
+        self.batch_size = 0
+        self.k_cache = self.v_cache = None
+        self._rope_table(max_seq_len or 256)
+        self.compile_requested = compile
+        self.compiled = False
+        self.compile_seconds = 0.0
+        self._decode = self._forward  # the decode step: eager, or its compiled version
+        self._warm = not compile  # a compiled step is compiled (and checked) by its first run: warmup()
+        if compile:
+            self._compile()
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    def _rope_table(self, length: int) -> None:
+        """cos and (sign-folded) sin for positions 0..length-1, each (length, D), as LlamaRotaryEmbedding."""
+        pos = torch.arange(length, device=self.device)
+        freqs = pos[:, None].float() * self.inv_freq.to(self.device).float()[None, :]  # (S, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
+        self.cos = (emb.cos() * self.rope_scale).to(self.dtype)  # (S, D)
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin_1, sin_2]: fold rotate_half's minus sign into the table
+        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # (S, D)
+        self.rope_len = length
+
+    def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
+        """(Re)allocate the KV cache if it is too small for ``batch_size`` x ``max_seq_len``."""
+        if batch_size <= self.batch_size and max_seq_len <= self.max_seq_len:
+            return
+        batch_size, max_seq_len = max(batch_size, self.batch_size), max(max_seq_len, self.max_seq_len)
+        shape = (len(self.blocks), batch_size, self.n_kv, max_seq_len, self.head_dim)  # (L, B, KV, S, D)
+        # empty, not zeros: attention only ever reads positions that were written
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        if max_seq_len > self.rope_len:
+            self._rope_table(max_seq_len)
+
+    def _compile(self) -> None:
+        """Compile the decode step, or warn and stay eager when there is no compiler to compile with."""
+        if not any(name and shutil.which(name) for name in (os.environ.get("CXX"), "g++", "c++", "clang++")):
+            warnings.warn("torch.compile needs a C++ compiler (g++ or clang++) and none was found: running eagerly",
+                          RuntimeWarning, stacklevel=3)
+            return
+        # dynamic: one graph for every position (the cache slice grows by one each step) and batch size
+        self._decode = torch.compile(self._forward, dynamic=True, fullgraph=True)
+        self.compiled = True
+
+    # ---- the model ----------------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, pos: int, causal: bool = False) -> torch.Tensor:
+        """Logits (B, V) for the last of ``ids`` (B, T), which sit at positions pos..pos+T-1.
+
+        Prefill: the whole prompt at pos == 0, ``causal=True``. Decode: one token (T == 1), ``causal=False``
+        (the one query may see every cached key).
+        """
+        b, t = ids.shape
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        end = pos + t
+        x = F.embedding(ids, self.embed)  # (B, T, C)
+        cos = self.cos[pos:end, None, :]  # (T, 1, D): broadcasts over heads
+        sin = self.sin_signed[pos:end, None, :]
+        for i, blk in enumerate(self.blocks):
+            h = rms_norm(x, blk.attn_norm, self.eps)
+            qkv = F.linear(h, blk.wqkv, blk.bqkv)  # (B, T, (H + 2KV) D)
+            qk = qkv[..., : (nh + nkv) * d].view(b, t, nh + nkv, d)  # (B, T, H + KV, D)
+            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
+            q = qk[:, :, :nh].transpose(1, 2)  # (B, H, T, D)
+            k = qk[:, :, nh:].transpose(1, 2)  # (B, KV, T, D)
+            v = qkv[..., (nh + nkv) * d:].view(b, t, nkv, d).transpose(1, 2)  # (B, KV, T, D)
+            self.k_cache[i, :b, :, pos:end] = k  # in place: no allocation, no copy of the past
+            self.v_cache[i, :b, :, pos:end] = v
+            keys, values = self.k_cache[i, :b, :, :end], self.v_cache[i, :b, :, :end]  # (B, KV, pos + T, D)
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=self.scale,
+                                               enable_gqa=self.gqa)  # (B, H, T, D)
+            x = x + F.linear(y.transpose(1, 2).reshape(b, t, nh * d), blk.wo, blk.bo)  # (B, T, C)
+            h = rms_norm(x, blk.mlp_norm, self.eps)
+            gate, up = F.linear(h, blk.w_gate_up, blk.b_gate_up).chunk(2, dim=-1)  # (B, T, I) each
+            x = x + F.linear(F.silu(gate) * up, blk.w_down, blk.b_down)  # (B, T, C)
+        x = rms_norm(x[:, -1], self.norm, self.eps)  # (B, C): the last position only
+        return F.linear(x, self.lm_head)  # (B, V)
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def _check(self, input_ids, max_new_tokens) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
+                   else type(input_ids).__name__)
+            raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids (torch.long), got {got}")
+        if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 callback: Callable[[torch.Tensor], object] | None = None) -> torch.Tensor:
+        """(B, T) -> (B, T + max_new_tokens): prompt, then greedy (argmax) tokens. EOS is not special.
+
+        ``callback``, if given, is called with each new token (B, 1), still on the device (gpt-fast's hook:
+        streaming, or per-step timing; reading the token there makes the host wait for the device).
+        """
+        self._check(input_ids, max_new_tokens)
+        b, t = input_ids.shape
+        if max_new_tokens == 0:
+            return input_ids.clone()
+        if not self._warm:
+            self.warmup(b, t)
+        self.setup_caches(b, t + max_new_tokens)
+        out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=self.device)  # (B, T + N)
+        out[:, :t] = input_ids
+        logits = self._forward(input_ids, 0, causal=t > 1)  # prefill: (B, V) for the last prompt position
+        out[:, t] = logits.argmax(dim=-1)
+        if callback is not None:
+            callback(out[:, t:t + 1])
+        for i in range(t, t + max_new_tokens - 1):
+            logits = self._decode(out[:, i:i + 1], i)  # the token just written, at position i
+            out[:, i + 1] = logits.argmax(dim=-1)
+            if callback is not None:
+                callback(out[:, i + 1:i + 2])
+        return out
+
+    def warmup(self, batch_size: int = 1, seq_len: int = 8) -> float:
+        """Run once (compiling, with compile=True); return the seconds it took. generate() calls it if needed.
+
+        If compilation fails (no working toolchain, an unsupported op), warn and fall back to eager.
+        """
+        self._warm = True
+        t0 = time.perf_counter()
+        ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=self.device)
+        try:
+            self.generate(ids, 3)
+        except Exception as err:  # noqa: BLE001 - a failed compile must not break generation
+            if not self.compiled:
+                raise
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running eagerly",
+                          RuntimeWarning, stacklevel=2)
+            self._decode, self.compiled = self._forward, False
+            self.generate(ids, 3)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.compile_seconds = time.perf_counter() - t0
+        return self.compile_seconds
+
+
+def fast_generate(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """One-off convenience: ``FastGenerator(model).generate(input_ids, max_new_tokens)``."""
+    return FastGenerator(model).generate(input_ids, max_new_tokens)

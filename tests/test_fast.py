@@ -1,0 +1,152 @@
+"""The fast path (kvcourse.fast) must generate exactly what transformers' greedy generate does (fp32).
+
+Each test is named after the bug it guards against.
+"""
+
+import pytest
+import torch
+
+from kvcourse import Llama, load_model
+from kvcourse.bench import hf_generate, random_llama
+from kvcourse.fast import FastGenerator, fast_generate
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    hf, tok = load_model(device="cpu")
+    return hf, tok
+
+
+@pytest.fixture(scope="module")
+def smol2():
+    """A 2-layer SmolLM2-135M-shaped random model (weights redrawn so greedy output varies)."""
+    return random_llama("SmolLM2-135M", 2, seed=0)
+
+
+def _prompts(tok, batch: int) -> torch.Tensor:
+    rows = [tok(p, return_tensors="pt").input_ids for p in ["The red cat was", "ROMEO: But soft, what light"][:batch]]
+    n = min(r.shape[1] for r in rows)
+    return torch.cat([r[:, :n] for r in rows])  # equal lengths: no padding
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("which", ["bundled", "smol2"])
+def test_fast_tokens_diverge_from_hf_generate(request, bundled, which, batch):
+    hf = bundled[0] if which == "bundled" else request.getfixturevalue("smol2")
+    ids = _prompts(bundled[1], batch)
+    n = 24
+    expected = hf_generate(hf, ids, n)
+    got = FastGenerator(hf).generate(ids, n)
+    assert got.shape == (batch, ids.shape[1] + n)
+    assert torch.equal(got, expected), f"fast path differs from transformers at {(got != expected).nonzero()[:3]}"
+
+
+def test_fast_logits_drift_from_hf_logits(smol2, bundled):
+    """Teacher-forced logits, step by step, against transformers' own (a token check alone can hide drift)."""
+    ids = _prompts(bundled[1], 2)
+    n = 6
+    ref = smol2.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, eos_token_id=[], pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    gen = FastGenerator(smol2)
+    t = ids.shape[1]
+    gen.setup_caches(2, t + n)
+    with torch.inference_mode():
+        ours = [gen._forward(ids, 0, causal=True)]
+        ours += [gen._forward(ref.sequences[:, i:i + 1], i) for i in range(t, t + n - 1)]
+    for step, (a, b) in enumerate(zip(ours, ref.logits, strict=True)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"logits differ at step {step}")
+
+
+def test_rope_table_positions_off_by_one(smol2):
+    """The precomputed cos/sin rows must be transformers' rotary embedding at exactly those positions."""
+    gen = FastGenerator(smol2, max_seq_len=300)
+    pos = torch.arange(300)[None]
+    x = torch.zeros(1, dtype=torch.float32)
+    cos, sin = smol2.model.rotary_emb(x, pos)  # (1, S, D)
+    half = gen.head_dim // 2
+    assert torch.equal(gen.cos, cos[0])
+    assert torch.equal(gen.sin_signed[:, half:], sin[0, :, half:])
+    assert torch.equal(gen.sin_signed[:, :half], -sin[0, :, :half])
+
+
+def test_reused_generator_leaks_previous_prompt_into_cache(bundled):
+    """One generator, several calls (shorter, then longer than its cache): each as if it were the first."""
+    hf, tok = bundled
+    gen = FastGenerator(hf, max_seq_len=8)
+    for text, n in [("ROMEO:", 30), ("The red cat was", 5), ("JULIET: O Romeo, Romeo", 60)]:
+        ids = tok(text, return_tensors="pt").input_ids
+        assert torch.equal(gen.generate(ids, n), hf_generate(hf, ids, n)), text
+
+
+def test_fast_accepts_course_llama_and_hf_model_alike(bundled):
+    hf, tok = bundled
+    ids = tok("The red cat was", return_tensors="pt").input_ids
+    assert torch.equal(fast_generate(Llama.from_hf(hf), ids, 10), fast_generate(hf, ids, 10))
+
+
+def test_callback_misses_or_repeats_tokens(bundled):
+    hf, tok = bundled
+    ids = tok("The red cat was", return_tensors="pt").input_ids
+    seen = []
+    out = FastGenerator(hf).generate(ids, 7, callback=lambda tok: seen.append(tok.clone()))
+    assert torch.equal(torch.cat(seen, dim=1), out[:, ids.shape[1]:])
+
+
+def test_zero_new_tokens_returns_more_than_the_prompt(bundled):
+    hf, tok = bundled
+    ids = tok("The red cat was", return_tensors="pt").input_ids
+    assert torch.equal(FastGenerator(hf).generate(ids, 0), ids)
+
+
+@pytest.mark.parametrize(
+    "ids, n, match",
+    [
+        (torch.tensor([1, 2, 3]), 4, "batch, seq"),  # 1-D
+        (torch.tensor([[1.0, 2.0]]), 4, "torch.long"),  # float ids
+        (torch.zeros(1, 0, dtype=torch.long), 4, "at least one token"),
+        (torch.tensor([[1, 2]]), -1, "max_new_tokens"),
+        (torch.tensor([[1, 2]]), 2.5, "max_new_tokens"),
+    ],
+)
+def test_bad_input_is_silently_accepted(bundled, ids, n, match):
+    with pytest.raises(ValueError, match=match):
+        FastGenerator(bundled[0]).generate(ids, n)
+
+
+def test_non_llama_model_is_silently_accepted():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+        FastGenerator(gpt2)
+
+
+def test_compile_without_a_compiler_breaks_generation(bundled, monkeypatch):
+    """No C++ compiler: compile=True must warn and run eagerly, not crash (no compiling in the test suite)."""
+    import kvcourse.fast as fast
+
+    monkeypatch.setattr(fast.shutil, "which", lambda name: None)
+    hf, tok = bundled
+    ids = tok("The red cat was", return_tensors="pt").input_ids
+    with pytest.warns(RuntimeWarning, match="compiler"):
+        gen = FastGenerator(hf, compile=True)
+    assert not gen.compiled
+    assert torch.equal(gen.generate(ids, 8), hf_generate(hf, ids, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_decode_syncs_host_every_step(bundled):
+    hf, tok = bundled
+    hf_gpu = hf.to("cuda")
+    try:
+        ids = tok("The red cat was", return_tensors="pt").input_ids.cuda()
+        gen = FastGenerator(hf_gpu)
+        gen.generate(ids, 4)  # allocate first
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gen.generate(ids, 16)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        hf.to("cpu")
