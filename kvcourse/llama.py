@@ -17,7 +17,6 @@ References: Touvron et al. 2023 (LLaMA); Su et al. 2021 (RoFormer, RoPE); Zhang 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -235,8 +234,3 @@ class Llama(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.lm_head(self.norm(x))  # (B, T, vocab)
-
-
-def attention_scale(head_dim: int) -> float:
-    """The 1/sqrt(d) of scaled dot-product attention."""
-    return 1.0 / math.sqrt(head_dim)

@@ -55,12 +55,6 @@ def submit(course: Path, student: str, assignment: str, nb) -> Path:
     return path
 
 
-def autograde(course: Path, assignment: str, *extra: str) -> subprocess.CompletedProcess:
-    """``nbgrader autograde`` for every submission of ``assignment`` (exit 1 on errors is fine)."""
-    cmd = [str(BIN / "nbgrader"), "autograde", assignment, "--force", *extra]
-    return subprocess.run(cmd, cwd=course, env=grading_env(), capture_output=True, text=True, timeout=3000)
-
-
 def autograde_many(courses: list[Path], assignment: str, *extra: str) -> list[subprocess.CompletedProcess]:
     """Autograde several course folders at once (one nbgrader process each, one core each)."""
     cmd = [str(BIN / "nbgrader"), "autograde", assignment, "--force", *extra]
