@@ -7,13 +7,18 @@ calls pay for allocation, kernel selection and caches, so they are run and disca
 from __future__ import annotations
 
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+from tqdm.std import tqdm as tqdm_std
 
 from .devices import synchronize
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,3 +78,16 @@ class StepTimer:
                 timer.times.append(time.perf_counter() - self.t0)
 
         return _Ctx()
+
+
+def progress(iterable: Iterable[T] | None = None, **kwargs) -> tqdm_std[T]:
+    """A text progress bar on stdout, for notebooks and terminals alike.
+
+    ``tqdm.auto`` draws a Jupyter widget, which a saved notebook cannot redraw when it is reopened
+    ("Error displaying widget: model not found"), and plain ``tqdm`` writes to stderr, which nbgrader
+    counts against a test cell. This one is text on stdout: it survives save and reopen.
+    """
+    kwargs.setdefault("file", sys.stdout)
+    kwargs.setdefault("dynamic_ncols", False)
+    kwargs.setdefault("ncols", 90)
+    return tqdm_std(iterable, **kwargs)

@@ -141,6 +141,25 @@ class Mutant:
         return nb
 
 
+@dataclass
+class Variant:
+    """A learner's answer that is correct but written differently (``[[correct]]`` in the bank): full marks."""
+
+    id: str
+    assignment: str
+    cell: str
+    find: str
+    replace: str
+    why: str = ""
+
+    apply = Mutant.apply
+
+
 def load_mutants(path: Path = ROOT / "tests" / "mutants.toml") -> list[Mutant]:
     data = tomllib.loads(path.read_text())
     return [Mutant(**m) for m in data["mutant"]]
+
+
+def load_variants(path: Path = ROOT / "tests" / "mutants.toml") -> list[Variant]:
+    data = tomllib.loads(path.read_text())
+    return [Variant(**m) for m in data.get("correct", [])]

@@ -3,9 +3,11 @@
 For every assignment one autograde run grades, side by side:
 - ``solution``: the instructor's solution notebook, submitted as a learner -> full marks;
 - ``release``: the unsolved notebook learners receive -> 0 on every graded test;
-- ``m-<id>``: the solution with one learner's real mistake patched in (``tests/mutants.toml``)
-  -> it loses the points of the test meant to catch it, and that test's message names the
-  mistake.
+- ``m-<id>``: the solution with one learner's real mistake patched in (``[[mutant]]`` in
+  ``tests/mutants.toml``) -> it loses the points of the test meant to catch it, and that test's
+  message names the mistake;
+- ``v-<id>``: the solution with one answer rewritten in a different but correct way (``[[correct]]``
+  in the same file: einsum for matmul, a while loop, another container) -> full marks.
 
 Each mutant is its own submission: answer cells build on each other (a later exercise calls an
 earlier answer), so two mistakes in one notebook could take credit for each other's failures.
@@ -25,6 +27,7 @@ from graders import (
     failure_text,
     graded_cells,
     load_mutants,
+    load_variants,
     make_course,
     nbgrader,
     notebook_name,
@@ -35,6 +38,7 @@ from graders import (
 )
 
 MUTANTS = load_mutants()
+VARIANTS = load_variants()
 JOBS = int(os.environ.get("KVCOURSE_GRADE_JOBS", "2"))
 RESULTS: list[tuple[str, str, str, float, float, str]] = []  # printed at the end of the run (conftest.py)
 
@@ -52,6 +56,7 @@ def graded(assignment: str, tmp_path_factory):
             assert release.returncode == 0, release.stdout + release.stderr
         submissions = [("solution", read_solution(assignment)), ("release", read_release(assignment))]
         submissions += [(f"m-{m.id}", m.apply(read_solution(assignment))) for m in MUTANTS if m.assignment == assignment]
+        submissions += [(f"v-{v.id}", v.apply(read_solution(assignment))) for v in VARIANTS if v.assignment == assignment]
         course_of = {}
         for i, (student, nb) in enumerate(submissions):
             course_of[student] = courses[i % JOBS]
@@ -118,6 +123,17 @@ def test_mutant_escapes_its_test(mutant: Mutant, tmp_path_factory):
             f"mutant {mutant.id} ({mutant.why}) fails {grade_id}, but the message does not name the mistake "
             f"(expected it to contain {mutant.message!r}):\n{message}"
         )
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.id for v in VARIANTS])
+def test_correct_answer_written_another_way_loses_points(variant, tmp_path_factory):
+    course_of, result, procs = graded(variant.assignment, tmp_path_factory)
+    student = f"v-{variant.id}"
+    got = result.get(student)
+    assert got, f"submission {student} was not graded{_explain(procs)}"
+    lost = {g: s for g, s in got.items() if s[0] != s[1]}
+    details = {g: failure_text(course_of[student], student, variant.assignment, g)[:500] for g in lost}
+    assert not lost, f"correct variant {variant.id} ({variant.why}) loses points on {lost}: {details}"
 
 
 def test_bank_has_three_mistakes_per_exercise():
