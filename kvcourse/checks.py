@@ -12,7 +12,8 @@ the one line a test cell shows when all its checks hold.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -130,3 +131,24 @@ def expect(condition: bool, message: str, hint: str = "") -> None:
 def passed(what: str) -> None:
     """The last line of a test cell: one line that says what was checked and that it holds."""
     print(f"\u2713 {what}")
+
+
+@contextmanager
+def reference_for(namespace: dict, **references: object) -> Iterator[None]:
+    """Inside the block, earlier answers named in ``references`` are the reference implementations.
+
+    A later exercise calls the learner's earlier answers by their global names; a test cell that wraps its
+    calls in ``with reference_for(globals(), attention_weights=ref_attention_weights): ...`` grades the later
+    exercise alone, so one mistake costs points once, in the cell that tests it. The names are restored after.
+    """
+    missing = object()
+    saved = {name: namespace.get(name, missing) for name in references}
+    namespace.update(references)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                namespace.pop(name, None)
+            else:
+                namespace[name] = value

@@ -52,3 +52,13 @@ def test_passing_test_cell_is_silent(capsys):
     checks.expect_close(torch.ones(2), torch.ones(2), "same")
     checks.passed("ones equal ones")
     assert capsys.readouterr().out == "\u2713 ones equal ones\n"
+
+
+def test_reference_for_leaves_the_learners_answer_replaced():
+    ns = {"f": lambda: "learner"}
+    with checks.reference_for(ns, f=lambda: "reference", g=len):
+        assert ns["f"]() == "reference" and ns["g"] is len
+    assert ns["f"]() == "learner" and "g" not in ns
+    with pytest.raises(KeyError), checks.reference_for(ns, f=lambda: "reference"):
+        raise KeyError("a failing test inside the block")
+    assert ns["f"]() == "learner"
