@@ -158,7 +158,7 @@ def test_lms_zip_export_is_not_collected(tmp_path):
     with zipfile.ZipFile(archive / "lms-export.zip", "w") as z:
         for learner, src in notebooks.items():
             z.write(src, f"{learner}/{NOTEBOOK}")
-    proc = run_commands(course, venv, [f"make collect ASSIGNMENT={A}"], timeout=300)
+    proc = run_commands(course, venv, [f"make collect ASSIGNMENT={A}"], timeout=900)
     assert proc.returncode == 0, f"make collect failed:{tail(proc)}"
     for learner, src in notebooks.items():
         got = course / "submitted" / learner / A / NOTEBOOK
@@ -177,7 +177,7 @@ def test_grade_hides_a_submission_it_could_not_grade(tmp_path):
         (course / "submitted" / learner / A).mkdir(parents=True)
     (course / "submitted" / "broken" / A / NOTEBOOK).write_text("{this is not a notebook", encoding="utf-8")
     shutil.copy(ROOT / "notebooks" / A / NOTEBOOK, course / "submitted" / "empty" / A / NOTEBOOK)
-    proc = run_commands(course, venv, [f"make grade ASSIGNMENT={A}"], timeout=300)
+    proc = run_commands(course, venv, [f"make grade ASSIGNMENT={A}"], timeout=900)
     assert (course / "feedback" / "empty" / A / NOTEBOOK.replace(".ipynb", ".html")).is_file(), \
         f"the learner who could be graded got no feedback:{tail(proc, 1500)}"
     assert proc.returncode != 0, f"make grade exited 0 although 'broken' was not graded:{tail(proc, 1500)}"
