@@ -15,24 +15,53 @@ Every method runs on the same model, prompt and number of new tokens:
 
 How it measures (the same for every method):
 
-1. **Correctness first.** Each method generates the full sequence once; the tokens must equal those of
-   ``generate(use_cache=True)`` exactly, else the run stops with ``TokenMismatchError`` naming the method,
-   before any timing. In float32 only: with ``--dtype bfloat16`` the check runs on a float32 copy first.
-2. **Warm-up.** That first run, and one 1-token run, are untimed. On the CPU the first run also records
-   the per-step times for the plot (a clock read per token); on a GPU that needs a sync per token, so
-   there it is a separate run after the timing.
-3. **Repeats, interleaved.** ``--repeats`` rounds (>= 3 by default); in each round every method runs once,
-   round-robin, starting one method later each round. Reported: the median, and the spread
-   (max - min) / median.
-4. **TTFT and decode separately, by subtraction.** Each round times a whole call with 1 new token
-   (t1: prompt + first token = time to first token) and one with N new tokens (tN); decode time per
-   token = (tN - t1) / (N - 1). Whole calls, nothing instrumented; the GPU is synchronised after each call.
-5. **Fixed work.** ``do_sample=False``, exactly N new tokens (EOS ignored: ``min_new_tokens=N`` and
+1. **Warm-up, untimed.** A method with a cache runs at the full N new tokens (a first call at a new
+   length allocates the cache, and on CUDA ``transformers`` compiles its static cache for each cache
+   size, with ``mode="reduce-overhead"``: CUDA graphs, recorded on a later call than the compiling
+   one, so on CUDA these run twice); a method without one runs once at min(N, 8) (nothing there is
+   sized by N, and those are the slow calls).
+2. **Rounds, interleaved.** ``--repeats`` rounds (3 by default, 2 with ``--quick``); in each, every
+   method makes one timed call of N new tokens, round-robin, starting one method later each round.
+   Reported: the median over the rounds, and the spread (max - min) / median.
+3. **Correctness before any figure.** Round 1 runs ``generate(use_cache=True)`` first and compares every
+   method's tokens with its tokens as soon as that method's call returns: one that differs stops the run
+   with ``TokenMismatchError`` naming it, before any figure is computed or written. ``--separate-check``
+   does the check in an extra, untimed run before the rounds instead (about 3 more minutes in full mode:
+   the uncached loops are slow). Exact equality needs float32: with ``--dtype bfloat16`` the check runs
+   in float32 first, and bf16 agreement is only recorded.
+4. **TTFT and decode from the same call, a clock reading after every token.** A timed call reads the
+   clock when it starts (t0, the device synchronised), after each new token (tick_1 .. tick_N) and when
+   it returns (t_end, synchronised). Per round::
+
+       TTFT             = tick_1 - t0                 prompt + first token (with the call's set-up)
+       decode per token = (tick_N - tick_1) / (N - 1)  the N - 1 decode steps
+       total            = t_end - t0
+
+   Each is a difference of two readings of one monotonic clock, the later minus the earlier, in one
+   call: it cannot be negative. (The earlier design took decode as (t(N) - t(1)) / (N - 1) from two
+   separate calls; when load slowed the 1-token call by more than the N - 1 steps cost, it went
+   negative, and tokens/s infinite.) A figure can still be zero (a clock coarser than a step) or not
+   finite (a broken clock): a figure that is not a positive finite number is *missing*: ``None`` in
+   ``bench.json`` with the reason under ``"missing"``, "n/a" in the tables with the reason in the notes
+   column; so is every figure derived from it. Never a number. The clock: ``time.perf_counter``
+   (monotonic) on the CPU, well under a microsecond a reading; on CUDA, CUDA events recorded on the stream
+   after each token (in stream order, so non-decreasing too) and read after the call, so the host never
+   waits for the device inside a call, as untimed; on MPS a synchronize per token, then
+   ``perf_counter``. The same readings give the per-step plot.
+5. **Unreliable rows.** A row is marked unreliable (``"unreliable": true`` with ``"unreliable_reasons"``
+   in ``bench.json``; "unreliable: ..." in the tables' notes column, also in targets that use it) when
+   - its decode or TTFT spread over the rounds is above ``SPREAD_LIMIT_PCT`` (25 %), or a round's figure
+     was missing; with a single round there is no spread, and the notes say so;
+   - or the machine was busy (``busy_reason``): the 1-minute load average is read at the start and end
+     of the run and of each model-and-prompt case; less the benchmark's own torch threads (for readings
+     taken once it is running: an estimate), it must not exceed the cores the benchmark leaves free
+     plus ``LOAD_MARGIN`` (0.5). With 2 threads on 2 cores: any other job using over half a core.
+6. **Fixed work.** ``do_sample=False``, exactly N new tokens (EOS ignored: ``min_new_tokens=N`` and
    ``eos_token_id=[]`` for ``transformers``), batch 1, fixed ``torch.set_num_threads`` (recorded).
-6. **The limit.** A decode step must read every weight once and the KV cache once. The machine's copy
-   bandwidth is measured in the same run (a large tensor copy, bytes read + written / time); the
-   *bandwidth floor* of a model is (weight bytes read per token + KV-cache bytes at the mean
-   context) / bandwidth, and each method's *fraction of the floor* is floor / its time per token.
+7. **The limit.** A decode step must read every weight once and the KV cache once. The machine's copy
+   bandwidth (a large tensor copy, bytes read + written / time) is sampled in every round, next to the
+   methods; the *bandwidth floor* of a model is (weight bytes read per token + KV-cache bytes at the
+   mean context) / bandwidth, and each method's *fraction of the floor* is floor / its time per token.
 
 Models: the bundled model (``load_model()``, trained) and random-weight models of the published
 SmolLM2-135M and SmolLM2-1.7B shapes (``kvcourse.shapes.random_model``; 1.7B by default on a GPU only,
@@ -222,23 +251,22 @@ def prompt_ids(tokenizer, kind: str, long_tokens: int) -> torch.Tensor:
 # ---- the methods ----------------------------------------------------------------------------------------
 
 
-class _StepClock:
-    """Wraps a kvcourse ``Llama``: notes the time after each forward call (one per generated token)."""
+class _TickingModel:
+    """Wraps a kvcourse ``Llama``: calls ``tick()`` after each forward call (one per generated token)."""
 
-    def __init__(self, model: Llama, device: torch.device):
-        self.model, self.device, self.ticks = model, device, []
+    def __init__(self, model: Llama, tick: Callable[[], None]):
+        self.model, self.tick = model, tick
 
     def __call__(self, *args, **kwargs):
         out = self.model(*args, **kwargs)
-        synchronize(self.device)
-        self.ticks.append(time.perf_counter())
+        self.tick()
         return out
 
     def __getattr__(self, name):  # args, parameters(), ...: as the wrapped model
         return getattr(self.model, name)
 
 
-def _hf_streamer(ticks: list[float], device: torch.device):
+def _hf_streamer(tick: Callable[[], None]):
     from transformers.generation.streamers import BaseStreamer
 
     class StreamClock(BaseStreamer):
@@ -249,7 +277,7 @@ def _hf_streamer(ticks: list[float], device: torch.device):
 
         def put(self, value):
             if self.seen_prompt:
-                ticks.append(time.perf_counter())
+                tick()
             self.seen_prompt = True
 
         def end(self):
@@ -260,7 +288,8 @@ def _hf_streamer(ticks: list[float], device: torch.device):
 
 @dataclass
 class Runner:
-    """``run(n)`` generates n new tokens from the case's prompt; ``run(n, ticks)`` also notes per-step times."""
+    """``run(n)`` generates n new tokens from the case's prompt; ``run(n, tick)`` also calls ``tick()``
+    once after each new token (the timed calls read the clock there)."""
 
     name: str
     run: Callable[..., torch.Tensor]
@@ -285,15 +314,10 @@ def make_runners(hf, ids: torch.Tensor, methods: list[str], *, compile: bool = F
 
 def _course(fn):
     def factory(ctx) -> Runner:
-        llama, ids, device = ctx["llama"], ctx["ids"], ctx["device"]
+        llama, ids = ctx["llama"], ctx["ids"]
 
-        def run(n, ticks=None):
-            if ticks is None:
-                return fn(llama, ids, n)
-            clock = _StepClock(llama, device)
-            out = fn(clock, ids, n)
-            ticks.extend(clock.ticks)
-            return out
+        def run(n, tick=None):
+            return fn(llama if tick is None else _TickingModel(llama, tick), ids, n)
 
         return Runner("", run)
 
@@ -301,7 +325,7 @@ def _course(fn):
 
 
 def _fast(ctx) -> Runner:
-    ids, device = ctx["ids"], ctx["device"]
+    ids = ctx["ids"]
     t0 = time.perf_counter()
     gen = FastGenerator(ctx["hf"], compile=ctx["compile"])
     setup = time.perf_counter() - t0
@@ -310,27 +334,20 @@ def _fast(ctx) -> Runner:
         notes["compile_s"] = gen.warmup(ids.shape[0], ids.shape[1])
         notes["compiled"] = gen.compiled
 
-    def run(n, ticks=None):
-        if ticks is None:
-            return gen.generate(ids, n)
-
-        def tick(_token):
-            synchronize(device)
-            ticks.append(time.perf_counter())
-
-        return gen.generate(ids, n, callback=tick)
+    def run(n, tick=None):
+        return gen.generate(ids, n, callback=None if tick is None else (lambda _token: tick()))
 
     return Runner("", run, setup_s=setup, notes=notes)
 
 
 def _hf(**kwargs):
     def factory(ctx) -> Runner:
-        hf, ids, device = ctx["hf"], ctx["ids"], ctx["device"]
+        hf, ids = ctx["hf"], ctx["ids"]
 
-        def run(n, ticks=None):
-            if ticks is None:
+        def run(n, tick=None):
+            if tick is None:
                 return hf_generate(hf, ids, n, **kwargs)
-            return hf_generate(hf, ids, n, streamer=_hf_streamer(ticks, device), **kwargs)
+            return hf_generate(hf, ids, n, streamer=_hf_streamer(tick), **kwargs)
 
         return Runner("", run)
 
@@ -371,37 +388,192 @@ def check_tokens(outputs: dict[str, torch.Tensor], reference: str, where: str) -
 # ---- measurements ---------------------------------------------------------------------------------------
 
 
+now: Callable[[], float] = time.perf_counter  # the host clock of every timing (a test swaps in a fake one)
+SPREAD_LIMIT_PCT = 25.0  # a row whose (max - min) / median over the rounds is above this is unreliable
+LOAD_MARGIN = 0.5  # load (runnable processes) beyond the cores the benchmark leaves free, tolerated
+
+
 def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds for one call, device synchronised before and after."""
+    """Seconds for one call, device synchronised before and after (>= 0: one monotonic clock, read in order)."""
     synchronize(device)
-    t0 = time.perf_counter()
+    t0 = now()
     fn()
     synchronize(device)
-    return time.perf_counter() - t0
+    return now() - t0
 
 
-def measure_bandwidth(device: torch.device, mib: int, repeats: int = 5) -> dict:
-    """Copy bandwidth: a ``mib`` MiB float32 tensor copied ``repeats`` times; (read + written bytes) / time."""
-    n = mib * 2**20 // 4
-    src = torch.ones(n, dtype=torch.float32, device=device)  # ones: the pages are really allocated
-    dst = torch.empty_like(src)
-    nbytes = src.numel() * src.element_size()
+class CallClock:
+    """Clock readings of one generation call: ``start()``, ``tick()`` after each new token, ``stop()``.
 
-    def copy():
-        dst.copy_(src)
+    ``elapsed()`` gives the seconds from the start to each tick, and to the stop. On CUDA every reading
+    is a CUDA event recorded on the device's current stream, so a tick costs no host-device sync, and
+    the events complete in stream order; elsewhere ``now()`` (after a synchronize on MPS).
+    """
 
-    def read():
-        src.sum()
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.events = self.device.type == "cuda"
+        self.marks: list = []
+        self.start_mark = self.end_mark = None
 
-    copy(), read()  # warm-up (first touch of dst)
-    copy_times = [timed(copy, device) for _ in range(repeats)]
-    read_times = [timed(read, device) for _ in range(repeats)]
-    return {
-        "tensor_mib": mib, "repeats": repeats,
-        "copy_GBps": 2 * nbytes / statistics.median(copy_times) / 1e9,
-        "read_GBps": nbytes / statistics.median(read_times) / 1e9,
-        "copy_times_s": copy_times, "read_times_s": read_times,
-    }
+    def _mark(self):
+        if self.events:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(torch.cuda.current_stream(self.device))
+            return ev
+        if self.device.type != "cpu":
+            synchronize(self.device)
+        return now()
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.marks = []
+        self.start_mark = self._mark()
+
+    def tick(self) -> None:
+        self.marks.append(self._mark())
+
+    def stop(self) -> None:
+        self.end_mark = self._mark()
+        synchronize(self.device)
+
+    def _since_start(self, mark) -> float:
+        if self.events:
+            return self.start_mark.elapsed_time(mark) / 1e3  # ms -> s
+        return mark - self.start_mark
+
+    def elapsed(self) -> tuple[list[float], float]:
+        """(seconds from the start to each tick, seconds from the start to the stop)."""
+        return [self._since_start(m) for m in self.marks], self._since_start(self.end_mark)
+
+
+def positive(x: float | None, what: str) -> tuple[float | None, str | None]:
+    """``(x, None)`` if x is a positive finite number, else ``(None, why)``: a figure that is not is missing."""
+    if x is None:
+        return None, f"{what}: not measured"
+    if not math.isfinite(x):
+        return None, f"{what} is not finite (a broken clock)"
+    if x < 0:
+        return None, f"{what} came out negative (the clock went backwards)"
+    if x == 0:
+        return None, f"{what} came out zero (the clock did not advance)"
+    return x, None
+
+
+@dataclass
+class CallTimes:
+    """One timed call of N new tokens: seconds from its start to each new token (``ticks``), and to its return."""
+
+    ticks: list[float]
+    end: float
+
+    def figures(self, n: int) -> dict:
+        """TTFT, decode per token and total of this call (seconds), ``None`` where missing, with ``why``."""
+        why: dict[str, str] = {}
+        total, why["total"] = positive(self.end, "total time of the call")
+        if len(self.ticks) != n:
+            reason = (f"{len(self.ticks)} clock readings for {n} new tokens (the method reports no per-token "
+                      f"clock)" if self.ticks else "the method reports no per-token clock")
+            return {"ttft": None, "decode": None, "total": total,
+                    "why": {"ttft": reason, "decode": reason, "total": why["total"]}}
+        ttft, why["ttft"] = positive(self.ticks[0], "TTFT (first token - start)")
+        decode, why["decode"] = positive((self.ticks[-1] - self.ticks[0]) / (n - 1),
+                                         "decode per token ((token N - token 1) / (N - 1))")
+        return {"ttft": ttft, "decode": decode, "total": total, "why": why}
+
+    def step_ms(self) -> list[float] | None:
+        """Milliseconds of each step (step 0: prompt + first token), or None if the readings are unusable."""
+        if not self.ticks:  # a method without a per-token clock (a test's stand-in) gets no plot line
+            return None
+        ms = [(b - a) * 1e3 for a, b in zip([0.0, *self.ticks[:-1]], self.ticks, strict=True)]
+        return ms if all(math.isfinite(x) and x >= 0 for x in ms) else None
+
+
+def over_rounds(values: list[float | None], whys: list[str | None], what: str) -> dict:
+    """Median and spread of one figure over the rounds; a missing round is dropped and noted.
+
+    Returns ``value`` (median, or None), ``missing`` (why None), ``spread_pct`` ((max - min) / median
+    * 100, or None), ``spread_note`` (why no spread) and ``unreliable`` (reasons).
+    """
+    ok = [v for v in values if v is not None]
+    out = {"value": None, "missing": None, "spread_pct": None, "spread_note": None, "unreliable": []}
+    if not ok:
+        out["missing"] = next((w for w in whys if w), f"{what}: not measured")
+        return out
+    out["value"] = med = statistics.median(ok)
+    if len(ok) < len(values):
+        dropped = next(w for v, w in zip(values, whys, strict=True) if v is None)
+        out["unreliable"].append(f"{what}: {len(values) - len(ok)} of {len(values)} rounds missing ({dropped})")
+    if len(ok) < 2:
+        out["spread_note"] = f"{what}: one round, no spread"
+    else:
+        out["spread_pct"] = spread = (max(ok) - min(ok)) / med * 100
+        if spread > SPREAD_LIMIT_PCT:
+            out["unreliable"].append(f"{what} spread {spread:.0f}% over {len(ok)} rounds > {SPREAD_LIMIT_PCT:.0f}%")
+    return out
+
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages, or None where the system has none."""
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_reason(readings: list[tuple[str, list[float] | None, int]], cpus: int, threads: int) -> str | None:
+    """Why the machine counts as busy, or None. ``readings``: (when, load averages, own threads then).
+
+    Others' load = 1-minute load average - the benchmark's own threads running at that reading (0
+    before it starts timing, ``threads`` after: an estimate). Busy when it exceeds the cores the
+    benchmark leaves free plus ``LOAD_MARGIN``.
+    """
+    allowed = max(cpus - threads, 0) + LOAD_MARGIN
+    known = [(when, load[0], own) for when, load, own in readings if load]
+    if not known:
+        return None
+    when, load1, own = max(known, key=lambda r: r[1] - r[2])
+    if load1 - own <= allowed:
+        return None
+    return (f"machine busy: 1-min load average {load1:.1f} {when}, {load1 - own:.1f} beyond the benchmark's own "
+            f"{own} thread(s), limit {allowed:.1f} ({cpus} cores, {threads} timed)")
+
+
+class Bandwidth:
+    """Memory copy bandwidth: a ``mib`` MiB float32 tensor copied into another; (read + written bytes) / time.
+
+    ``sample()`` is cheap (a few copies), so the benchmark takes one in every timing round: each model's
+    floor then uses the bandwidth measured alongside it, not only at the start of a 10-minute run.
+    A copy the clock cannot see (zero time) gives no sample rather than an infinite one.
+    """
+
+    def __init__(self, device: torch.device, mib: int):
+        self.device, self.mib = device, mib
+        self.src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)  # ones: pages really allocated
+        self.dst = torch.empty_like(self.src)
+        self.nbytes = self.src.numel() * self.src.element_size()
+        self.dst.copy_(self.src)  # first touch of dst
+
+    def _copy(self):
+        self.dst.copy_(self.src)
+
+    def _rate(self, fn, nbytes: int, repeats: int) -> list[float]:
+        times = [timed(fn, self.device) for _ in range(repeats)]
+        return [nbytes / t / 1e9 for t in times if positive(t, "copy time")[0] is not None]
+
+    def sample(self, repeats: int = 3) -> list[float]:
+        """GB/s of ``repeats`` copies (fewer if the clock did not advance)."""
+        return self._rate(self._copy, 2 * self.nbytes, repeats)
+
+    def measure(self, repeats: int = 5) -> dict:
+        """Copy bandwidth, and read bandwidth (a sum over the tensor), medians of ``repeats`` (None if none)."""
+        copy = self.sample(repeats)
+        self.src.sum()
+        read = self._rate(self.src.sum, self.nbytes, repeats)
+        return {"tensor_mib": self.mib, "repeats": repeats,
+                "copy_GBps": statistics.median(copy) if copy else None,
+                "read_GBps": statistics.median(read) if read else None,
+                "copy_samples_GBps": copy, "read_samples_GBps": read}
 
 
 def weight_bytes_per_token(hf, batch: int = 1) -> int:
@@ -472,17 +644,14 @@ class Plan:
     bandwidth_mib: int
     cache_lengths: list[int]
     profile: bool
+    separate_check: bool
     compile: bool
     seed: int
     quick: bool
 
     def profiles(self, prompt: str) -> bool:
-        """Whether this prompt's per-step times are recorded (the first prompt only: they are for the plot)."""
+        """Whether this prompt's per-step times are kept (the first prompt only: they are for the plot)."""
         return self.profile and prompt == self.prompts[0]
-
-    def separate_profile(self, prompt: str) -> bool:
-        """Whether that takes an extra run (GPU, or reduced precision) rather than riding on the check run."""
-        return self.profiles(prompt) and not (self.device.type == "cpu" and self.dtype == torch.float32)
 
     def n_new(self, model: Model, prompt: str) -> int:
         if model.big:
@@ -490,106 +659,161 @@ class Plan:
         return self.new_tokens if prompt == "short" else self.long_new_tokens
 
 
-def _step_ms(t0: float, ticks: list[float]) -> list[float]:
-    """Milliseconds of each generation step from the clock readings after each token."""
-    return [(b - a) * 1e3 for a, b in zip([t0, *ticks[:-1]], ticks, strict=True)]
+def timed_call(run: Callable[..., torch.Tensor], n: int, device: torch.device) -> tuple[torch.Tensor, CallTimes]:
+    """One call of ``run(n, tick)``, the clock read at its start, after each new token and at its return."""
+    clock = CallClock(device)
+    clock.start()
+    out = run(n, clock.tick)
+    clock.stop()
+    return out, CallTimes(*clock.elapsed())
 
 
-def run_case(model: Model, prompt: str, ids: torch.Tensor, n: int, plan: Plan, bar, bandwidth: dict) -> dict:
-    """Check, warm up, time and profile every method on one model and prompt; return the figures."""
+def method_figures(calls: list[CallTimes], n: int, floor_s: float | None, floor_why: str | None,
+                   busy: str | None) -> dict:
+    """One method's row from its timed calls: medians over the rounds, spreads, what is missing and why,
+    and whether the row is unreliable (spread above ``SPREAD_LIMIT_PCT``, a missing round, a busy machine)."""
+    per_round = [c.figures(n) for c in calls]
+    col = {k: over_rounds([f[k] for f in per_round], [f["why"][k] for f in per_round], name)
+           for k, name in (("ttft", "TTFT"), ("decode", "decode"), ("total", "total"))}
+    missing: dict[str, str] = {}
+
+    def keep(key, value, why):
+        if value is not None:  # positive and finite by construction; checked again, never printed otherwise
+            value, why = positive(value, key)
+        if value is None:
+            missing[key] = why
+        return value
+
+    ttft, dec, tot = (col[k]["value"] for k in ("ttft", "decode", "total"))
+    row = {
+        "ttft_ms": keep("ttft_ms", ttft and ttft * 1e3, col["ttft"]["missing"]),
+        "decode_ms_per_token": keep("decode_ms_per_token", dec and dec * 1e3, col["decode"]["missing"]),
+        "decode_tokens_per_s": keep("decode_tokens_per_s", dec and 1.0 / dec, f"decode time missing: "
+                                                                               f"{col['decode']['missing']}"),
+        "total_s": keep("total_s", tot, col["total"]["missing"]),
+        "spread_pct": col["decode"]["spread_pct"],
+        "ttft_spread_pct": col["ttft"]["spread_pct"],
+    }
+    if dec is None:
+        row["bandwidth_floor_fraction"] = keep("bandwidth_floor_fraction", None,
+                                               f"decode time missing: {col['decode']['missing']}")
+    else:
+        row["bandwidth_floor_fraction"] = keep("bandwidth_floor_fraction", floor_s and floor_s / dec, floor_why)
+    for key, k in (("spread_pct", "decode"), ("ttft_spread_pct", "ttft")):
+        if row[key] is None:
+            missing[key] = col[k]["spread_note"] or col[k]["missing"]
+    reasons = col["ttft"]["unreliable"] + col["decode"]["unreliable"]  # total = TTFT + decode: nothing new
+    if busy:
+        reasons.append(busy)
+    row.update({
+        "rounds": [{"ttft_s": f["ttft"], "decode_s_per_token": f["decode"], "total_s": f["total"]}
+                   for f in per_round],
+        "missing": missing, "unreliable": bool(reasons), "unreliable_reasons": reasons,
+    })
+    return row
+
+
+def compare_to_reference(res: dict[str, dict], reference: str) -> None:
+    """Add ``speed_vs_hf_cache_decode`` / ``_total`` (reference time / this time) to every row, or say why not."""
+    ref = res[reference]
+    for name, r in res.items():
+        for key, fig in (("speed_vs_hf_cache_decode", "decode_ms_per_token"), ("speed_vs_hf_cache_total", "total_s")):
+            mine, theirs = r[fig], ref[fig]
+            if mine is not None and theirs is not None:
+                r[key], why = positive(theirs / mine, key)
+            else:
+                whose = name if mine is None else reference
+                r[key], why = None, f"{fig} of {whose} missing: {res[whose]['missing'].get(fig)}"
+            if r[key] is None:
+                r["missing"][key] = why
+
+
+def run_case(model: Model, prompt: str, ids: torch.Tensor, n: int, plan: Plan, bar, bw: Bandwidth,
+             own_threads_at_start: int = 0) -> dict:
+    """Check, warm up and time every method on one model and prompt; return the figures."""
     hf, device = model.hf, plan.device
     where = f"{model.name}, {prompt} prompt ({ids.shape[1]} tokens), {n} new tokens"
     methods = plan.methods
     reference = REFERENCE if REFERENCE in methods else methods[0]
+    load_start = load_average()
 
     def step(desc):
         bar.set_description(f"{model.name} | {prompt} | {desc}")
 
-    # 1. correctness, in float32. This first run of each method is also its warm-up and, on the CPU, the
-    #    per-step profile for the plot (a clock read per step; a GPU would need a sync per step, so it
-    #    gets a separate instrumented run after the timing instead). Nothing is timed until all agree.
-    profile = plan.profiles(prompt)
-    profile_now = profile and not plan.separate_profile(prompt)
-    first_call, outputs, steps = {}, {}, {}
+    # 1. the token check, untimed, when asked for (--separate-check) or when timing in reduced precision
+    #    (then it runs in float32, before the cast); otherwise the first timed round is the check
     runners = make_runners(hf, ids, methods, compile=plan.compile)
-    for m in methods:
-        step(f"check {m}")
-        ticks: list[float] = []
-        t0 = time.perf_counter()
-        outputs[m] = runners[m].run(n, ticks) if profile_now else runners[m].run(n)
-        synchronize(device)
-        first_call[m] = time.perf_counter() - t0
-        if profile_now and ticks:  # a runner that takes no clock (a test's stand-in) gets no plot line
-            steps[m] = _step_ms(t0, ticks)
-        bar.update(1)
-    check_tokens(outputs, reference, where)
     agreement = None
-    if plan.dtype != torch.float32:  # time in reduced precision: rebuild, warm up, record (not enforce) agreement
+    if plan.separate_check or plan.dtype != torch.float32:
+        outputs = {}
+        for m in methods:
+            step(f"check {m}")
+            outputs[m] = runners[m].run(n)
+            bar.update(1)
+        check_tokens(outputs, reference, where)
+    if plan.dtype != torch.float32:  # rebuild in the timing dtype; record (not enforce) token agreement
         hf.to(plan.dtype)
         runners = make_runners(hf, ids, methods, compile=plan.compile)
         low = {m: runners[m].run(n) for m in methods}
         ref = low[reference].cpu()
         agreement = {m: float((o.cpu() == ref).float().mean()) for m, o in low.items()}
-    for m in methods:  # warm-up of the 1-token call
-        runners[m].run(1)
+
+    # 2. warm-up, untimed: a cached method at the full length (cache allocation, CUDA static-cache
+    #    compilation), twice on CUDA (CUDA graphs are recorded on a later call than the compilation);
+    #    an uncached one once, at a few tokens
+    warmup_s = {}
+    for m in methods:
+        step(f"warm-up {m}")
+        cached = METHODS.get(m, (m, True))[1]
+        t0 = time.perf_counter()
+        for _ in range(2 if cached and device.type == "cuda" else 1):
+            runners[m].run(n if cached else min(n, 8))
+        synchronize(device)
+        warmup_s[m] = time.perf_counter() - t0  # includes any compilation
         bar.update(1)
 
-    # 2. timed rounds, round-robin, the start rotating; whole calls, nothing instrumented
-    t1 = {m: [] for m in methods}
-    tn = {m: [] for m in methods}
+    # 3. timed rounds, round-robin, each call read after every token. Round 1 runs the reference first and
+    #    checks every method's tokens as soon as its call returns: a mismatch stops the run before any figure
+    #    exists. Later rounds start one method later each time. A bandwidth sample is taken in every round.
+    calls: dict[str, list[CallTimes]] = {m: [] for m in methods}
+    bw_samples: list[float] = []
+    first = [reference] + [m for m in methods if m != reference]
     for r in range(plan.repeats):
-        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        order = first if r == 0 else methods[r % len(methods):] + methods[: r % len(methods)]
+        outputs = {}
         for m in order:
             step(f"round {r + 1}/{plan.repeats} {m}")
-            run = runners[m].run
-            t1[m].append(timed(lambda run=run: run(1), device))
-            tn[m].append(timed(lambda run=run: run(n), device))
-            bar.update(2)
-
-    # 3. on a GPU (or in reduced precision): a separate instrumented run for the per-step plot
-    if profile and not profile_now:
-        for m in methods:
-            step(f"profile {m}")
-            ticks = []
-            t0 = time.perf_counter()
-            runners[m].run(n, ticks)
-            if ticks:
-                steps[m] = _step_ms(t0, ticks)
+            out, times = timed_call(runners[m].run, n, device)
+            calls[m].append(times)
+            if r == 0 and not plan.separate_check and plan.dtype == torch.float32:
+                outputs[m] = out
+                check_tokens(outputs, reference, where)
             bar.update(1)
+        bw_samples += bw.sample()
 
     # 4. figures
+    load_end = load_average()
+    busy = busy_reason([("at the start of this case", load_start, own_threads_at_start),
+                        ("at its end", load_end, plan.threads)], os.cpu_count() or 1, plan.threads)
     cfg = hf.config
     wbytes = weight_bytes_per_token(hf)
     kv_tok = kv_bytes_per_token(cfg, plan.dtype)
     mean_ctx = ids.shape[1] + n / 2  # decode step j (1..N-1) attends over T + j positions
     floor_bytes = wbytes + kv_tok * mean_ctx
-    floor_s = floor_bytes / (bandwidth["copy_GBps"] * 1e9)
+    case_bw = statistics.median(bw_samples) if bw_samples else None  # GB/s, measured in this case's rounds
+    floor_s = floor_bytes / (case_bw * 1e9) if case_bw else None
+    floor_why = None if floor_s else "no bandwidth sample in this case's rounds (the clock did not see the copies)"
     res = {}
     for m in methods:
-        dec = [(b - a) / (n - 1) for a, b in zip(t1[m], tn[m], strict=True)]
-        med = statistics.median(dec)
-        res[m] = {
-            "label": METHODS.get(m, (m,))[0],
-            "cached": METHODS.get(m, (m, True))[1],
-            "ttft_ms": statistics.median(t1[m]) * 1e3,
-            "decode_ms_per_token": med * 1e3,
-            "decode_tokens_per_s": 1.0 / med if med > 0 else float("inf"),
-            "total_s": statistics.median(tn[m]),
-            "spread_pct": (max(dec) - min(dec)) / med * 100 if len(dec) > 1 and med > 0 else None,
-            "bandwidth_floor_fraction": floor_s / med if med > 0 else None,
-            "first_call_s": first_call[m],
-            "setup_s": runners[m].setup_s,
-            **runners[m].notes,
-            "t1_s": t1[m], "tN_s": tn[m], "decode_s_per_token": dec,
-            "step_ms": steps.get(m),
-        }
+        res[m] = {"label": METHODS.get(m, (m,))[0], "cached": METHODS.get(m, (m, True))[1],
+                  **method_figures(calls[m], n, floor_s, floor_why, busy),
+                  "warmup_s": warmup_s[m], "setup_s": runners[m].setup_s, **runners[m].notes}
+        steps = [c.step_ms() for c in calls[m]]
+        res[m]["step_ms"] = ([statistics.median(col) for col in zip(*steps, strict=True)]
+                             if plan.profiles(prompt) and steps and all(s and len(s) == n for s in steps) else None)
         if agreement is not None:
             res[m]["token_agreement_with_reference"] = agreement[m]
-    if reference in res:
-        ref_dec, ref_tot = res[reference]["decode_ms_per_token"], res[reference]["total_s"]
-        for r in res.values():
-            r["speed_vs_hf_cache_decode"] = ref_dec / r["decode_ms_per_token"] if r["decode_ms_per_token"] > 0 else None
-            r["speed_vs_hf_cache_total"] = ref_tot / r["total_s"]
+    compare_to_reference(res, reference)
     if plan.dtype != torch.float32:
         hf.float()
     return {
@@ -597,7 +821,9 @@ def run_case(model: Model, prompt: str, ids: torch.Tensor, n: int, plan: Plan, b
         "new_tokens": n, "batch": ids.shape[0], "reference": reference,
         "params": sum(p.numel() for p in hf.parameters()),
         "floor": {"weight_bytes_per_token": wbytes, "kv_bytes_per_token": kv_tok, "mean_context": mean_ctx,
-                  "bytes_per_token": floor_bytes, "ms_per_token": floor_s * 1e3},
+                  "bytes_per_token": floor_bytes, "ms_per_token": floor_s and floor_s * 1e3, "copy_GBps": case_bw,
+                  "copy_samples_GBps": bw_samples, "missing": floor_why},
+        "load_average": {"start": load_start, "end": load_end, "busy": busy},
         "methods": res,
     }
 
@@ -627,19 +853,30 @@ def environment(plan: Plan) -> dict:
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "git_commit": commit,
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": load_average(),
     }
     if plan.device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(plan.device)
     return env
 
 
-def _fmt_s(s: float) -> str:
-    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.0f} ms"
+def _ok(x) -> bool:
+    """A figure that may be printed: a finite number >= 0 (None, NaN, inf and negatives never are)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
 
 
 def _fmt(x, spec: str, suffix: str = "") -> str:
-    return "–" if x is None else f"{x:{spec}}{suffix}"
+    return f"{x:{spec}}{suffix}" if _ok(x) else "n/a"
+
+
+def _fmt_s(s) -> str:
+    if not _ok(s):
+        return "n/a"
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.0f} ms"
+
+
+def _fmt_load(load) -> str:
+    return "n/a (not available here)" if not load else "/".join(f"{x:.1f}" for x in load)
 
 
 def _prompt_label(case: dict) -> str:
@@ -647,77 +884,135 @@ def _prompt_label(case: dict) -> str:
         f'long ({case["prompt_tokens"]} tok)'
 
 
+_SHOWN = {"ttft_ms": "TTFT", "decode_ms_per_token": "decode", "decode_tokens_per_s": "tokens/s", "total_s": "total",
+          "bandwidth_floor_fraction": "floor fraction", "speed_vs_hf_cache_decode": "vs generate(use_cache=True)",
+          "spread_pct": "spread"}
+
+
+def row_notes(r: dict, keys=tuple(_SHOWN)) -> str:
+    """The notes cell of a row: why it is unreliable, and why each shown figure is missing."""
+    notes = []
+    if r.get("unreliable"):
+        notes.append("**unreliable**: " + "; ".join(r.get("unreliable_reasons") or ["no reason recorded"]))
+    missing = r.get("missing") or {}
+    for key in keys:
+        if r.get(key) is None and key in missing and "one round" not in missing[key]:  # that one: in the header
+            notes.append(f"{_SHOWN.get(key, key)} n/a: {missing[key]}")
+    return "; ".join(dict.fromkeys(notes)).replace("|", "/")
+
+
 def summary_table(cases: list[dict]) -> str:
     """With cache / without cache / speedup, per model and prompt, as in the source material (total times)."""
-    lines = ["| model | prompt | new tokens | generator | with cache | without cache | speedup |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | prompt | new tokens | generator | with cache | without cache | speedup | notes |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in cases:
         ms = c["methods"]
         pairs = [("transformers generate", "hf_dynamic", "hf_no_cache"),
                  ("course (fast path / uncached loop)", "course_fast", "uncached")]
         for label, with_m, without_m in pairs:
             if with_m in ms and without_m in ms:
-                w, wo = ms[with_m]["total_s"], ms[without_m]["total_s"]
+                w, wo = ms[with_m].get("total_s"), ms[without_m].get("total_s")
+                speedup = wo / w if _ok(w) and _ok(wo) and w > 0 else None
+                notes = [f"{m}: {row_notes(ms[m], ('total_s',))}" for m in (with_m, without_m)
+                         if row_notes(ms[m], ("total_s",))]
                 lines.append(f"| {c['model']} | {_prompt_label(c)} | {c['new_tokens']} | {label} | {_fmt_s(w)} | "
-                             f"{_fmt_s(wo)} | {wo / w:.1f}x |")
+                             f"{_fmt_s(wo)} | {_fmt(speedup, '.1f', 'x')} | {'; '.join(notes)} |")
     return "\n".join(lines)
 
 
 def full_table(cases: list[dict]) -> str:
     lines = ["| model | prompt | method | TTFT (ms) | decode (ms/token) | tokens/s | spread | of bandwidth floor "
-             "| vs generate(use_cache=True) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| vs generate(use_cache=True) | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         for r in c["methods"].values():
-            frac = r["bandwidth_floor_fraction"]
+            frac = r.get("bandwidth_floor_fraction")
             lines.append(
-                f"| {c['model']} | {_prompt_label(c)}, {c['new_tokens']} new | {r['label']} | {r['ttft_ms']:.1f} | "
-                f"{r['decode_ms_per_token']:.2f} | {r['decode_tokens_per_s']:.0f} | "
-                f"{_fmt(r['spread_pct'], '.0f', '%')} | {_fmt(None if frac is None else frac * 100, '.0f', '%')} | "
-                f"{_fmt(r.get('speed_vs_hf_cache_decode'), '.2f', 'x')} |")
+                f"| {c['model']} | {_prompt_label(c)}, {c['new_tokens']} new | {r['label']} | "
+                f"{_fmt(r.get('ttft_ms'), '.1f')} | {_fmt(r.get('decode_ms_per_token'), '.2f')} | "
+                f"{_fmt(r.get('decode_tokens_per_s'), '.0f')} | {_fmt(r.get('spread_pct'), '.0f', '%')} | "
+                f"{_fmt(frac * 100 if _ok(frac) else None, '.0f', '%')} | "
+                f"{_fmt(r.get('speed_vs_hf_cache_decode'), '.2f', 'x')} | {row_notes(r)} |")
     return "\n".join(lines)
+
+
+def _why(r: dict, key: str) -> str:
+    return (r.get("missing") or {}).get(key) or "not measured"
+
+
+def _caveat(*rows: dict) -> str:
+    return " (unreliable: see the table)" if any(r.get("unreliable") for r in rows) else ""
 
 
 def targets(cases: list[dict], device: torch.device) -> list[dict]:
     """The issue's targets, measured: fast path >= generate(use_cache=True) everywhere, >= 1.5x on the
-    bundled model; >= 70% of the bandwidth floor on the SmolLM2-135M shape (CPU); cached vs uncached."""
+    bundled model; >= 70% of the bandwidth floor on the SmolLM2-135M shape (CPU); cached vs uncached.
+    A missing figure gives "n/a (why)" and ``met`` None; one from an unreliable row says so."""
     out = []
     for c in cases:
         ms = c["methods"]
         if "course_fast" in ms and REFERENCE in ms:
+            fast, ref = ms["course_fast"], ms[REFERENCE]
             need = 1.5 if c["model"] == "bundled" else 1.0
-            got = ms["course_fast"]["speed_vs_hf_cache_decode"]
+            got = fast.get("speed_vs_hf_cache_decode")
+            ok = _ok(got)
             out.append({"target": f"fast path vs generate(use_cache=True), decode, {c['model']}, {c['prompt']} prompt",
-                        "want": f">= {need}x", "got": f"{got:.2f}x", "met": got >= need,
-                        "end_to_end": f"{ms['course_fast']['speed_vs_hf_cache_total']:.2f}x"})
+                        "want": f">= {need}x",
+                        "got": (f"{got:.2f}x" if ok else f"n/a ({_why(fast, 'speed_vs_hf_cache_decode')})")
+                               + _caveat(fast, ref),
+                        "met": got >= need if ok else None, "reliable": not _caveat(fast, ref),
+                        "end_to_end": _fmt(fast.get("speed_vs_hf_cache_total"), ".2f", "x")})
         if c["model"] == "SmolLM2-135M" and "course_fast" in ms:
-            frac = ms["course_fast"]["bandwidth_floor_fraction"]
-            hf_frac = ms[REFERENCE]["bandwidth_floor_fraction"] if REFERENCE in ms else None
+            fast = ms["course_fast"]
+            frac = fast.get("bandwidth_floor_fraction")
+            hf_frac = ms[REFERENCE].get("bandwidth_floor_fraction") if REFERENCE in ms else None
+            ok = _ok(frac)
+            got = f"{frac * 100:.0f}%" if ok else f"n/a ({_why(fast, 'bandwidth_floor_fraction')})"
             out.append({"target": f"fast path, fraction of bandwidth floor, SmolLM2-135M, {c['prompt']} prompt",
                         "want": ">= 70%" if device.type == "cpu" else "(CPU target)",
-                        "got": f"{frac * 100:.0f}% (transformers: {_fmt(hf_frac and hf_frac * 100, '.0f', '%')})",
-                        "met": frac >= 0.7 if device.type == "cpu" else None})
+                        "got": f"{got} (transformers: {_fmt(hf_frac * 100 if _ok(hf_frac) else None, '.0f', '%')})"
+                               + _caveat(fast),
+                        "met": frac >= 0.7 if ok and device.type == "cpu" else None, "reliable": not _caveat(fast)})
         if c["prompt"] == "short" and c["model"].startswith("SmolLM2") and "uncached" in ms:
             for label, w, wo in (("course", "course_fast", "uncached"), ("transformers", "hf_dynamic", "hf_no_cache")):
                 if w in ms and wo in ms:
-                    sp = ms[wo]["total_s"] / ms[w]["total_s"]
+                    tw, two = ms[w].get("total_s"), ms[wo].get("total_s")
+                    got = (f"{two / tw:.1f}x" if _ok(tw) and _ok(two) and tw > 0
+                           else f"n/a (total time missing: {_why(ms[w], 'total_s') if not _ok(tw) else _why(ms[wo], 'total_s')})")
                     out.append({"target": f"cached vs uncached ({label}), {c['model']}, short prompt, "
                                           f"{c['new_tokens']} new tokens",
                                 "want": f"report (source: {SOURCE_SPEEDUP}x, SmolLM2-1.7B on a T4)",
-                                "got": f"{sp:.1f}x", "met": None})
+                                "got": got + _caveat(ms[w], ms[wo]), "met": None,
+                                "reliable": not _caveat(ms[w], ms[wo])})
     return out
 
 
 def markdown(result: dict) -> str:
     env, bw, plan = result["environment"], result["bandwidth"], result["settings"]
+    case_bw = [c["floor"]["copy_GBps"] for c in result["cases"] if _ok(c["floor"].get("copy_GBps"))]
+    in_rounds = f"{min(case_bw):.1f}-{max(case_bw):.1f} GB/s" if case_bw else "n/a (no sample)"
     where = env["gpu"] or env["cpu"]
+    unreliable = sum(r.get("unreliable", False) for c in result["cases"] for r in c["methods"].values())
+    rows = sum(len(c["methods"]) for c in result["cases"])
     lines = [
         "# kvcourse benchmark",
         "",
         f"{env['date']}, {where} ({env['device']}), {env['torch_threads']} torch threads, {env['dtype']}, "
         f"torch {env['torch']}, transformers {env['transformers']}, {'quick' if plan['quick'] else 'full'} mode, "
-        f"{plan['repeats']} timed round(s) after warm-up, medians. Memory copy bandwidth {bw['copy_GBps']:.1f} GB/s "
-        f"(read {bw['read_GBps']:.1f} GB/s). Load average at start: {env['load_average_at_start']}.",
+        f"{plan['repeats']} timed round(s) after warm-up, medians. Memory copy bandwidth "
+        f"{_fmt(bw.get('copy_GBps'), '.1f', ' GB/s')} at the start (read {_fmt(bw.get('read_GBps'), '.1f', ' GB/s')}), "
+        f"{in_rounds} in the rounds (each case's floor uses its own). Load average (1/5/15 min) at the start "
+        f"{_fmt_load(env.get('load_average_at_start'))}, at the end {_fmt_load(env.get('load_average_at_end'))}"
+        f" on {env.get('cpu_count')} cores.",
         "",
+    ]
+    if env.get("busy"):
+        lines += [f"**Warning: {env['busy']}.** Rows timed while it was busy are marked unreliable.", ""]
+    if plan["repeats"] < 2:
+        lines += ["One timed round: no spread, so no row can be judged by it (use `--repeats 3`).", ""]
+    if unreliable:
+        lines += [f"{unreliable} of {rows} rows are marked **unreliable** (spread over the rounds above "
+                  f"{SPREAD_LIMIT_PCT:.0f}% of the median, a missing round, or a busy machine): see their notes.", ""]
+    lines += [
         "Models: " + "; ".join(dict.fromkeys(f"{c['model']} ({c['model_note']}, {c['params'] / 1e6:.1f}M "
                                                     f"parameters)" for c in result["cases"])) + ". Prompt token ids from the bundled tokenizer.",
         "",
@@ -727,8 +1022,10 @@ def markdown(result: dict) -> str:
         "",
         "## Every method",
         "",
-        "TTFT: a 1-token call. Decode: (t(N) - t(1)) / (N - 1). Spread: (max - min) / median of decode over the "
-        "rounds. Bandwidth floor: (weights + KV cache at the mean context) / copy bandwidth.",
+        "One call of N new tokens per round, the clock read after every token. TTFT: start of the call to the "
+        "first token. Decode: (time of token N - time of token 1) / (N - 1). Spread: (max - min) / median of "
+        f"decode over the rounds; above {SPREAD_LIMIT_PCT:.0f}% (decode or TTFT) the row is unreliable. Bandwidth "
+        "floor: (weights + KV cache at the mean context) / copy bandwidth. n/a: missing, the notes say why.",
         "",
         full_table(result["cases"]),
         "",
@@ -740,7 +1037,7 @@ def markdown(result: dict) -> str:
     for t in result["targets"]:
         met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
         lines.append(f"| {t['target']} | {t['want']} | {t['got']} | {met} |")
-    lines += ["", f"Total runtime {result['runtime_s']:.0f} s. Figures: `bench.json`; plots: "
+    lines += ["", f"Total runtime {_fmt_s(result.get('runtime_s'))}. Figures: `bench.json`; plots: "
               f"`time_per_token.png`, `cache_update.png`.", ""]
     return "\n".join(lines)
 
@@ -764,9 +1061,11 @@ def plot_steps(cases: list[dict], path: Path) -> None:
                 pos = range(c["prompt_tokens"] + 1, c["prompt_tokens"] + 1 + len(ms))
                 ax.plot(list(pos), ms, label=r["label"], lw=1.1, ls="-" if r["cached"] else "--")
                 top = max(top, sorted(ms)[int(0.98 * (len(ms) - 1))])  # ignore rare spikes (GC, other load)
-        floor = c["floor"]["ms_per_token"]
-        ax.axhline(floor, color="k", ls=":", lw=1, label=f"bandwidth floor ({floor:.2g} ms)")
-        ax.set_ylim(0, 1.15 * max(top, floor))
+        floor = c["floor"].get("ms_per_token")
+        if _ok(floor):
+            ax.axhline(floor, color="k", ls=":", lw=1, label=f"bandwidth floor ({floor:.2g} ms)")
+            top = max(top, floor)
+        ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)
         ax.set_title(f"{c['model']}, {_prompt_label(c)}", fontsize=10)
         ax.set_xlabel("sequence length (prompt + tokens so far)")
         ax.set_ylabel("ms per new token")
@@ -811,7 +1110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--quick", action="store_true",
-                   help="bundled model + a 4-layer SmolLM2-135M shape, short prompts, few tokens, 1 round")
+                   help="bundled model + a 4-layer SmolLM2-135M shape, short prompts, few tokens, 2 rounds")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
@@ -828,12 +1127,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--big-new-tokens", type=int, default=None,
                    help="new tokens for SmolLM2-1.7B (default: as --new-tokens on a GPU, 32 on the CPU)")
     p.add_argument("--long-prompt-tokens", type=int, default=None, help="length of the long prompt (default 400)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; --quick: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; --quick: 2)")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="size of the bandwidth-test tensor (default 1024: well above the CPU caches)")
     p.add_argument("--cache-lengths", type=int, nargs="+", default=None,
                    help="cache lengths for the torch.cat vs preallocated plot")
-    p.add_argument("--no-profile", action="store_true", help="record no per-step times (no time_per_token plot)")
+    p.add_argument("--no-profile", action="store_true", help="keep no per-step times (no time_per_token plot)")
+    p.add_argument("--separate-check", action="store_true",
+                   help="check tokens in an extra untimed run before the rounds, instead of in round 1 "
+                        "(full mode: about 3 minutes more)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fast path's decode step (compile time reported separately)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-weight models")
@@ -862,12 +1164,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         long_new_tokens=pick(args.long_new_tokens, 16, 8),
         big_new_tokens=args.big_new_tokens or (args.new_tokens or 300 if device.type == "cuda" else 32),
         long_prompt_tokens=pick(args.long_prompt_tokens, 400, 64),
-        repeats=pick(args.repeats, 3, 1),
+        repeats=pick(args.repeats, 3, 2),
         threads=args.threads or torch.get_num_threads(),
         device=device, dtype=dtype,
         bandwidth_mib=pick(args.bandwidth_mib, 1024, 256),
         cache_lengths=args.cache_lengths or ([1, 256, 1024] if q else [1, 512, 1024, 2048, 4096, 8192]),
-        profile=not args.no_profile, compile=args.compile, seed=args.seed, quick=q,
+        profile=not args.no_profile, separate_check=args.separate_check, compile=args.compile, seed=args.seed,
+        quick=q,
     )
     for name in ("new_tokens", "long_new_tokens", "big_new_tokens"):
         if getattr(plan, name) < 2:
@@ -904,11 +1207,13 @@ def run(plan: Plan, out_dir: Path, progress: bool = True) -> dict:
     env = environment(plan)
     tokenizer = bundled_tokenizer()
     prompts = {p: prompt_ids(tokenizer, p, plan.long_prompt_tokens) for p in plan.prompts}
-    per_model = sum(len(plan.methods) * (2 + 2 * plan.repeats + plan.separate_profile(p)) for p in plan.prompts)
+    check = plan.separate_check or plan.dtype != torch.float32
+    per_model = len(plan.prompts) * len(plan.methods) * (check + 1 + plan.repeats)
     bar = tqdm(total=1 + len(plan.models) * per_model + 1, unit="run", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     bar.set_description("memory bandwidth")
-    bandwidth = measure_bandwidth(plan.device, plan.bandwidth_mib)
+    bw = Bandwidth(plan.device, plan.bandwidth_mib)
+    bandwidth = bw.measure()
     bar.update(1)
     cases = []
     if plan.device.type == "cuda":  # transformers compiles generate(cache_implementation="static") per cache size
@@ -919,15 +1224,17 @@ def run(plan: Plan, out_dir: Path, progress: bool = True) -> dict:
         for p in plan.prompts:
             ids = prompts[p].to(plan.device)
             gc.collect()
-            cases.append(run_case(model, p, ids, plan.n_new(model, p), plan, bar, bandwidth))
+            own = plan.threads if cases else 0  # the benchmark's own threads in the load average (an estimate)
+            cases.append(run_case(model, p, ids, plan.n_new(model, p), plan, bar, bw, own))
         del model
         gc.collect()
+    del bw
     bar.set_description("cache update cost")
     costs = cache_update_costs(plan.cache_lengths, plan.dtype, plan.device)
     bar.update(1)
     bar.close()
     result = {
-        "schema": "kvcourse-bench/1",
+        "schema": "kvcourse-bench/2",
         "environment": env,
         "settings": {
             "quick": plan.quick, "models": plan.models, "prompts": plan.prompts, "methods": plan.methods,
@@ -935,15 +1242,23 @@ def run(plan: Plan, out_dir: Path, progress: bool = True) -> dict:
             "big_new_tokens": plan.big_new_tokens, "long_prompt_tokens": plan.long_prompt_tokens,
             "repeats": plan.repeats, "threads": plan.threads, "compile": plan.compile, "seed": plan.seed,
             "short_prompt": SHORT_PROMPT, "prompt_ids": "bundled tokenizer (for every model)",
-            "timing": "t1 = one call with 1 new token (TTFT); decode/token = (tN - t1) / (N - 1); medians over "
-                      "interleaved rounds after warm-up",
+            "timing": "one call of N new tokens per round, clock read at its start (t0), after each token "
+                      "(tick_1..tick_N) and at its return: TTFT = tick_1 - t0, decode/token = (tick_N - tick_1) / "
+                      "(N - 1), total = return - t0; medians over interleaved rounds after warm-up; a figure that "
+                      "is not positive and finite is None, with the reason under 'missing'",
+            "unreliable_when": f"spread (max - min) / median over the rounds > {SPREAD_LIMIT_PCT:.0f}% (decode or "
+                               f"TTFT), a round missing, or load average beyond the benchmark's own threads > free "
+                               f"cores + {LOAD_MARGIN}",
             "eos": "ignored: min_new_tokens = max_new_tokens and eos_token_id=[] for transformers",
         },
         "bandwidth": bandwidth,
         "cases": cases,
         "cache_update": costs,
     }
-    result["environment"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    env["load_average_at_end"] = load_average()
+    env["busy"] = busy_reason([("at the start of the run", env["load_average_at_start"], 0),
+                               ("at its end", env["load_average_at_end"], plan.threads)],
+                              os.cpu_count() or 1, plan.threads)
     result["targets"] = targets(cases, plan.device)
     result["runtime_s"] = time.perf_counter() - start
     (out_dir / "bench.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

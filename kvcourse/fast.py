@@ -5,8 +5,9 @@ the same order as ``transformers``' ``LlamaForCausalLM`` (so float32 tokens are 
 ``generate(do_sample=False)``), but removes everything a decode step does not need:
 
 1. **Preallocated cache.** One buffer for keys and one for values, ``(layers, B, KV, S_max, D)``,
-   allocated once and written in place at the current position (gpt-fast's ``KVCache``,
-   ``transformers``' ``StaticCache``). Attention reads only the filled part, ``[:pos + 1]``.
+   allocated once and written in place at the current position, as in gpt-fast's ``KVCache`` and
+   ``transformers``' ``StaticCache``. Unlike those two, which attend over the whole buffer and mask
+   the unfilled positions, attention here reads only the filled part, ``[:pos + 1]`` (see 7).
 2. **Fused weights.** q, k and v projections stacked into one ``wqkv`` matrix, gate and up into one
    ``w_gate_up``: one matrix-vector product instead of three (or two) per layer, as gpt-fast's
    ``wqkv``/``w13`` and vLLM's ``QKVParallelLinear``/``MergedColumnParallelLinear``. The rows are the
@@ -20,8 +21,12 @@ the same order as ``transformers``' ``LlamaForCausalLM`` (so float32 tokens are 
    the result.
 6. ``torch.inference_mode`` (no autograd bookkeeping), no Python ``Cache`` objects, no logits
    processors, no stopping criteria: exactly ``max_new_tokens`` tokens, EOS not special.
-7. Optionally ``torch.compile`` of the decode step (``compile=True``); measure before relying on it,
-   see ``kvcourse.bench``. Compilation happens in ``warmup()``, so it stays out of per-token timings.
+7. Optionally ``torch.compile`` of the decode step (``compile=True``, dynamic shapes: one graph for
+   every position). Compilation happens in ``warmup()``, so it stays out of per-token timings.
+   Whether it pays depends on the machine, and compiling takes seconds to minutes: measure before
+   relying on it (``python -m kvcourse.bench --compile`` reports compile time apart). CUDA graphs would need
+   static shapes, i.e. attending over the whole buffer with a mask as gpt-fast does; that changes the
+   arithmetic relative to ``transformers``' dynamic cache, so it is not done here.
 
 Decoding one token reads every weight once and the whole KV cache once, and does about two flops
 per weight: it is limited by memory bandwidth, not arithmetic. ``kvcourse.bench`` reports how close
@@ -87,7 +92,7 @@ def _bias(lin) -> torch.Tensor | None:
 class FastGenerator:
     """Greedy generation for a Llama (``kvcourse.llama.Llama`` or a ``transformers`` ``LlamaForCausalLM``).
 
-    >>> gen = FastGenerator(hf_model)            # fuses weights once (copies them: ~1x model memory)
+    >>> gen = FastGenerator(hf_model)            # fuses q/k/v and gate/up once (copies of those weights)
     >>> out = gen.generate(input_ids, 300)       # (B, T) -> (B, T + 300), like generate(do_sample=False)
 
     The KV cache is allocated on first use and kept for later calls (grown when a call needs more

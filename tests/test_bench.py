@@ -1,10 +1,15 @@
 """kvcourse.bench and the kvcourse command. No timing is asserted anywhere: only that the benchmark runs,
-writes what it promises, and refuses to time a generator whose tokens are wrong.
+writes what it promises, never prints a negative, infinite or missing figure as a number, marks the rows it
+cannot trust, and refuses to time a generator whose tokens are wrong. Where figures are checked, they come
+from a fake clock, never from a measurement.
 
 Each test is named after the bug it guards against.
 """
 
+import copy
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -12,10 +17,14 @@ import torch
 from kvcourse import KVCache, bench, cli
 from kvcourse.generate import generate
 
-# A configuration well under the --quick one: two tiny models, a few tokens, one round.
+# A configuration well under the --quick one: two tiny models, a few tokens, two rounds (so spreads exist).
 TINY = ["--models", "bundled", "SmolLM2-135M:1", "--new-tokens", "4", "--long-new-tokens", "3",
-        "--long-prompt-tokens", "20", "--repeats", "1", "--bandwidth-mib", "8", "--cache-lengths", "1", "32",
+        "--long-prompt-tokens", "20", "--repeats", "2", "--bandwidth-mib", "8", "--cache-lengths", "1", "32",
         "--no-progress"]
+FIGURES = ["ttft_ms", "decode_ms_per_token", "decode_tokens_per_s", "total_s", "bandwidth_floor_fraction",
+           "speed_vs_hf_cache_decode", "speed_vs_hf_cache_total"]
+NEGATIVE_NUMBER = re.compile(r"(?<![\w.])-\d")  # "-39.73", not "SmolLM2-135M" or "2026-11-25"
+NOT_FINITE = re.compile(r"\b(inf|nan)\b", re.IGNORECASE)
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +32,35 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     assert bench.main(["--quick", *TINY, "--out", str(out)]) == 0
     return out
+
+
+def _numbers(obj):
+    """Every number in a JSON-like structure (bools excluded)."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        yield obj
+
+
+def _assert_rows_are_sound(result: dict) -> None:
+    """Every figure is a positive finite number or None with a reason; unreliable rows say why."""
+    for case in result["cases"]:
+        for name, m in case["methods"].items():
+            for key in FIGURES:
+                assert key in m, (name, key)
+                if m[key] is None:
+                    assert isinstance(m["missing"].get(key), str) and m["missing"][key], (name, key)
+                else:
+                    assert isinstance(m[key], float) and math.isfinite(m[key]) and m[key] > 0, (name, key, m[key])
+            assert isinstance(m["unreliable"], bool)
+            assert bool(m["unreliable_reasons"]) == m["unreliable"], (name, m["unreliable_reasons"])
+            assert all(isinstance(r, str) and r for r in m["unreliable_reasons"])
+    bad = [x for x in _numbers(result) if not (math.isfinite(x) and x >= 0)]
+    assert not bad, f"negative or non-finite numbers in bench.json: {bad}"
 
 
 def test_bench_leaves_out_an_output_file(tiny_run):
@@ -36,10 +74,10 @@ def test_bench_leaves_out_an_output_file(tiny_run):
 def test_bench_json_misses_a_method_or_figure(tiny_run):
     result = json.loads((tiny_run / "bench.json").read_text())
     env = result["environment"]
-    for key in ["cpu", "gpu", "device", "dtype", "torch", "transformers", "torch_threads"]:
+    for key in ["cpu", "gpu", "device", "dtype", "torch", "transformers", "torch_threads", "load_average_at_start",
+                "load_average_at_end", "busy"]:
         assert key in env, key
     assert env["dtype"] == ("float32" if env["device"] == "cpu" else "bfloat16")
-    assert result["bandwidth"]["copy_GBps"] > 0
     cases = result["cases"]
     assert [(c["model"], c["prompt"]) for c in cases] == [
         ("bundled", "short"), ("bundled", "long"), ("SmolLM2-135M (1 layers)", "short"),
@@ -47,11 +85,14 @@ def test_bench_json_misses_a_method_or_figure(tiny_run):
     for case in cases:
         assert set(case["methods"]) == set(bench.METHODS)
         assert case["floor"]["bytes_per_token"] > case["floor"]["weight_bytes_per_token"] > 0
+        assert set(case["load_average"]) == {"start", "end", "busy"}
         for name, m in case["methods"].items():
-            for key in ["ttft_ms", "decode_ms_per_token", "decode_tokens_per_s", "total_s", "spread_pct",
-                        "bandwidth_floor_fraction", "speed_vs_hf_cache_decode", "t1_s", "tN_s"]:
+            for key in ["spread_pct", "ttft_spread_pct", "warmup_s", "rounds", "missing", "unreliable",
+                        "unreliable_reasons", "step_ms"]:
                 assert key in m, (name, key)
-            assert len(m["tN_s"]) == 1
+            assert len(m["rounds"]) == 2
+            assert set(m["rounds"][0]) == {"ttft_s", "decode_s_per_token", "total_s"}
+    _assert_rows_are_sound(result)
     short = cases[0]["methods"]
     assert all(len(m["step_ms"]) == 4 for m in short.values())  # the per-step plot's data
     assert result["cache_update"]["lengths"] == [1, 32]
@@ -63,9 +104,198 @@ def test_bench_markdown_drops_a_method_or_table(tiny_run):
     text = (tiny_run / "bench.md").read_text()
     for heading in ["With and without a KV cache", "Every method", "Targets"]:
         assert heading in text
-    assert "| with cache | without cache | speedup |" in text
+    assert "| with cache | without cache | speedup | notes |" in text
+    assert "| vs generate(use_cache=True) | notes |" in text
     for label, _ in bench.METHODS.values():
         assert label in text
+    assert not NEGATIVE_NUMBER.search(text), NEGATIVE_NUMBER.search(text)
+    assert not NOT_FINITE.search(text), NOT_FINITE.search(text)
+
+
+class FakeClock:
+    """``bench.now`` for tests: time moves only when a stand-in generator says so."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+STEP, STALL = 0.001, 0.2  # fake seconds per token, and a stall (another job on the core) before the first token
+
+
+def _stalling_runner(clock: FakeClock):
+    """A stand-in generator: every other call stalls before its first token, then each token takes STEP."""
+
+    def factory(ctx):
+        ids, calls = ctx["ids"], [0]
+
+        def run(n, tick=None):
+            calls[0] += 1
+            if calls[0] % 2:
+                clock.advance(STALL)
+            for _ in range(n):
+                clock.advance(STEP)
+                if tick is not None:
+                    tick()
+            return torch.cat([ids, torch.zeros(ids.shape[0], n, dtype=ids.dtype)], dim=1)  # the same for all
+
+        return bench.Runner("", run)
+
+    return factory
+
+
+def test_decode_by_subtraction_went_negative_under_load(tmp_path, monkeypatch, capsys):
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "now", clock)
+    n = 4
+    # precondition: the old design, (t(N) - t(1)) / (N - 1) from two whole calls, is negative on this clock
+    ids = torch.tensor([[1, 2, 3]])
+    old = _stalling_runner(clock)({"ids": ids})
+    t1 = bench.timed(lambda: old.run(1), torch.device("cpu"))  # stalled
+    tn = bench.timed(lambda: old.run(n), torch.device("cpu"))  # not stalled
+    assert (tn - t1) / (n - 1) < 0, "precondition: the subtraction must go negative here"
+
+    monkeypatch.setattr(bench, "RUNNERS", {m: _stalling_runner(clock) for m in bench.METHODS})
+    argv = ["--device", "cpu", "--models", "bundled", "--prompts", "short", "--new-tokens", str(n), "--repeats", "3",
+            "--bandwidth-mib", "1", "--cache-lengths", "1", "--no-progress", "--out", str(tmp_path)]
+    result = bench.run(bench.make_plan(bench.parse_args(argv)), tmp_path, progress=False)
+    printed = capsys.readouterr().out
+
+    _assert_rows_are_sound(result)
+    assert json.loads((tmp_path / "bench.json").read_text())["cases"] == json.loads(json.dumps(result["cases"]))
+    for name, m in result["cases"][0]["methods"].items():
+        # decode from the same call's clock readings: (tick_N - tick_1) / (N - 1), one STEP, stall or not
+        assert m["decode_ms_per_token"] == pytest.approx(STEP * 1e3), name
+        assert m["decode_tokens_per_s"] == pytest.approx(1 / STEP), name
+        assert m["spread_pct"] == pytest.approx(0, abs=1e-6)
+        # the stall hit every other round's first token: TTFT spread is far above the limit
+        assert m["unreliable"] and any("TTFT spread" in r for r in m["unreliable_reasons"]), name
+        # the fake clock never moves during a memory copy: no bandwidth, so no floor, and it says why
+        assert m["bandwidth_floor_fraction"] is None
+        assert "bandwidth" in m["missing"]["bandwidth_floor_fraction"]
+    assert result["bandwidth"]["copy_GBps"] is None
+    for text in (printed, (tmp_path / "bench.md").read_text()):
+        assert not NEGATIVE_NUMBER.search(text), NEGATIVE_NUMBER.search(text)
+        assert not NOT_FINITE.search(text), NOT_FINITE.search(text)
+        assert "**unreliable**: TTFT spread" in text and "floor fraction n/a: no bandwidth sample" in text
+    assert any("(unreliable" in t["got"] for t in result["targets"])
+
+
+def test_a_method_without_a_per_token_clock_crashed_the_figures(tmp_path, monkeypatch, capsys):
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "now", clock)
+    ticking = _stalling_runner(clock)
+
+    def no_clock(ctx):  # generates, but never calls tick()
+        inner = ticking(ctx)
+        return bench.Runner("", lambda n, tick=None: inner.run(n))
+
+    monkeypatch.setattr(bench, "RUNNERS", {m: ticking for m in bench.METHODS} | {"course_fast": no_clock})
+    argv = ["--device", "cpu", "--models", "bundled", "--prompts", "short", "--new-tokens", "4", "--repeats", "2",
+            "--bandwidth-mib", "1", "--cache-lengths", "1", "--no-progress", "--out", str(tmp_path)]
+    result = bench.run(bench.make_plan(bench.parse_args(argv)), tmp_path, progress=False)
+    capsys.readouterr()
+    _assert_rows_are_sound(result)
+    fast = result["cases"][0]["methods"]["course_fast"]
+    assert fast["decode_ms_per_token"] is None and fast["ttft_ms"] is None and fast["step_ms"] is None
+    assert "no per-token clock" in fast["missing"]["decode_ms_per_token"]
+    assert fast["total_s"] is not None  # the whole call is still timed
+    assert result["cases"][0]["methods"]["hf_dynamic"]["decode_ms_per_token"] is not None
+    assert "decode n/a: the method reports no per-token clock" in (tmp_path / "bench.md").read_text()
+
+
+def test_clock_readings_that_are_not_positive_and_finite_are_printed_as_numbers():
+    n = 4
+    cases = {
+        "clock did not advance": bench.CallTimes([0.5, 0.5, 0.5, 0.5], 0.5),
+        "clock went backwards": bench.CallTimes([0.5, 0.4, 0.3, 0.2], 0.6),
+        "broken clock": bench.CallTimes([float("nan"), 0.1, 0.2, float("inf")], float("inf")),
+        "no per-token clock": bench.CallTimes([], 0.3),
+    }
+    expect = {"clock did not advance": "zero", "clock went backwards": "negative", "broken clock": "not finite",
+              "no per-token clock": "no per-token clock"}
+    for what, call in cases.items():
+        fig = call.figures(n)
+        assert fig["decode"] is None and expect[what] in fig["why"]["decode"], (what, fig)
+        row = bench.method_figures([call, call], n, 0.001, None, None)
+        assert row["decode_ms_per_token"] is None and row["decode_tokens_per_s"] is None, what
+        assert expect[what] in row["missing"]["decode_ms_per_token"], what
+        assert row["bandwidth_floor_fraction"] is None and "decode time missing" in row["missing"]["bandwidth_floor_fraction"]
+        assert all(v is None or (math.isfinite(v) and v > 0) for k, v in row.items() if k in FIGURES), (what, row)
+        assert what == "clock did not advance" or call.step_ms() is None, what  # no bad step in the plot either
+    for bad in (None, -1.0, float("inf"), float("nan"), -0.0001):
+        assert bench._fmt(bad, ".2f", "x") == "n/a"
+        assert bench._fmt_s(bad) == "n/a"
+
+
+def test_one_round_in_many_was_missing_and_the_row_still_looked_reliable():
+    good = bench.CallTimes([0.01, 0.02, 0.03, 0.04], 0.05)
+    stuck = bench.CallTimes([0.01, 0.01, 0.01, 0.01], 0.02)
+    row = bench.method_figures([good, stuck, good], 4, None, "no bandwidth sample", None)
+    assert row["decode_ms_per_token"] == pytest.approx(10.0)  # the median of the rounds that have it
+    assert row["unreliable"] and any("1 of 3 rounds missing" in r for r in row["unreliable_reasons"])
+
+
+def test_row_with_a_large_spread_or_on_a_busy_machine_is_not_marked_unreliable():
+    def call(decode_s):  # TTFT 10 ms, then 3 decode steps of decode_s
+        return bench.CallTimes([0.01 + i * decode_s for i in range(4)], 0.01 + 4 * decode_s)
+
+    steady = bench.method_figures([call(0.010), call(0.011), call(0.010)], 4, None, "no bandwidth", None)
+    assert not steady["unreliable"] and steady["unreliable_reasons"] == []
+    noisy = bench.method_figures([call(0.010), call(0.020), call(0.010)], 4, None, "no bandwidth", None)
+    assert noisy["spread_pct"] == pytest.approx(100.0)
+    assert noisy["unreliable"] and noisy["unreliable_reasons"] == ["decode spread 100% over 3 rounds > 25%"]
+    busy = bench.method_figures([call(0.010)] * 3, 4, None, "no bandwidth", "machine busy: test")
+    assert busy["unreliable"] and busy["unreliable_reasons"] == ["machine busy: test"]
+    one = bench.method_figures([call(0.010)], 4, None, "no bandwidth", None)
+    assert one["spread_pct"] is None and "one round" in one["missing"]["spread_pct"]
+
+    # busy: others' load (1-min average - the benchmark's own threads) above free cores + LOAD_MARGIN
+    assert bench.busy_reason([("at start", [0.2, 0.1, 0.1], 0), ("at end", [2.1, 1.0, 0.5], 2)], 2, 2) is None
+    why = bench.busy_reason([("at start", [3.0, 1.0, 0.5], 0), ("at end", [2.1, 1.0, 0.5], 2)], 2, 2)
+    assert why and "3.0 at start" in why and "2 cores" in why
+    assert bench.busy_reason([("at end", [4.3, 1.0, 0.5], 2)], 2, 2)  # 2.3 beyond its own 2 threads
+    assert bench.busy_reason([("at start", None, 0)], 2, 2) is None  # no load average on this system
+
+
+def test_targets_crashed_on_a_missing_decode_figure(tiny_run):
+    """The issue's crash: speed_vs_hf_cache_decode None -> TypeError in targets(); and the tables likewise."""
+    result = json.loads((tiny_run / "bench.json").read_text())
+    # 1. as computed now: the fast path's clock did not advance, so its decode and all that derive are missing
+    case = copy.deepcopy(result["cases"][0])
+    stuck = bench.CallTimes([0.002, 0.002, 0.002, 0.002], 0.003)
+    case["methods"]["course_fast"].update(bench.method_figures([stuck, stuck], 4, 0.001, None, None))
+    bench.compare_to_reference(case["methods"], bench.REFERENCE)
+    fast = case["methods"]["course_fast"]
+    assert fast["speed_vs_hf_cache_decode"] is None
+    assert "decode_ms_per_token of course_fast missing" in fast["missing"]["speed_vs_hf_cache_decode"]
+    # 2. as the old bench.json had it: None with no reason at all
+    old = copy.deepcopy(result["cases"][0])
+    for key in ["speed_vs_hf_cache_decode", "speed_vs_hf_cache_total", "bandwidth_floor_fraction", "decode_ms_per_token"]:
+        old["methods"]["course_fast"][key] = None
+    old["methods"]["course_fast"].pop("missing")
+    # 3. the reference itself missing: every comparison says whose figure is missing
+    ref_missing = copy.deepcopy(result["cases"][2])
+    ref_missing["methods"][bench.REFERENCE].update(bench.method_figures([stuck, stuck], 4, None, "none", None))
+    bench.compare_to_reference(ref_missing["methods"], bench.REFERENCE)
+    assert all(f"of {bench.REFERENCE} missing" in m["missing"]["speed_vs_hf_cache_decode"]
+               for m in ref_missing["methods"].values())
+    ref_missing["model"] = "SmolLM2-135M"  # so that the bandwidth-floor target is built too
+
+    cases = [case, old, ref_missing]
+    tg = bench.targets(cases, torch.device("cpu"))
+    fast_targets = [t for t in tg if t["target"].startswith("fast path vs")]
+    assert len(fast_targets) == 3 and all(t["met"] is None and t["got"].startswith("n/a (") for t in fast_targets)
+    assert "came out zero" in fast_targets[0]["got"] and "not measured" in fast_targets[1]["got"]
+    text = bench.markdown({**result, "cases": cases, "targets": tg})
+    assert "decode n/a: decode per token" in text and "came out zero" in text
+    assert not NEGATIVE_NUMBER.search(text) and not NOT_FINITE.search(text)
+    bench.summary_table(cases), bench.full_table(cases)
 
 
 class OffByOneCache(KVCache):
@@ -79,20 +309,23 @@ class OffByOneCache(KVCache):
 def _off_by_one_runner(ctx):
     llama, ids = ctx["llama"], ctx["ids"]
 
-    def run(n, ticks=None):
+    def run(n, tick=None):
         return generate(llama, ids, n, cache=OffByOneCache.for_model(llama, ids.shape[0], ids.shape[1] + n + 1))
 
     return bench.Runner("", run)
 
 
-def test_bench_times_a_generator_with_wrong_tokens(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("check", [[], ["--separate-check"]], ids=["check-in-round-1", "separate-check"])
+def test_bench_times_a_generator_with_wrong_tokens(tmp_path, monkeypatch, capsys, check):
     model = bench.random_llama("SmolLM2-135M", 1, seed=0)
     ids = bench.prompt_ids(bench.bundled_tokenizer(), "short", 0)
     broken = _off_by_one_runner({"llama": bench.Llama.from_hf(model), "ids": ids}).run(8)
     assert not torch.equal(broken, bench.hf_generate(model, ids, 8)), "precondition: the bug must change tokens"
 
     monkeypatch.setitem(bench.RUNNERS, "course_fast", _off_by_one_runner)
-    argv = [*TINY, "--models", "SmolLM2-135M:1", "--prompts", "short", "--new-tokens", "8", "--out", str(tmp_path)]
+    # on the CPU, where the precondition holds (on another device, or rounded to bf16, the bug may not show)
+    argv = [*TINY, *check, "--device", "cpu", "--models", "SmolLM2-135M:1", "--prompts", "short", "--new-tokens", "8",
+            "--methods", "course_kvcache", "course_fast", "hf_dynamic", "--out", str(tmp_path)]
     with pytest.raises(bench.TokenMismatchError, match=r"course_fast .*different tokens from hf_dynamic"):
         bench.run(bench.make_plan(bench.parse_args(argv)), tmp_path, progress=False)
     assert not (tmp_path / "bench.json").exists()  # nothing timed, nothing written
