@@ -17,8 +17,13 @@ STAMP := $(VENV)/.installed
 # Commands run with the venv first on PATH (nbgrader shells out to `alembic`, lab terminals
 # want the course's python), and offline: the course runs on its bundled model only.
 RUN := PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# nbgrader's authoring tools are for instructors; `make lab` hides them from learners.
-INSTRUCTOR_EXTENSIONS := @jupyter/nbgrader:create-assignment @jupyter/nbgrader:formgrader
+# Two Jupyter modes, chosen per run by JUPYTER_CONFIG_PATH (read before ~/.jupyter and the venv's own
+# config); nothing in the venv is changed, so one mode never leaks into the other:
+# jupyter/learner/ turns off nbgrader's formgrader, assignment_list and course_list server extensions and
+# disables (and locks) their JupyterLab panels and the Create Assignment panel: learners keep Validate only.
+# jupyter/instructor/ turns every nbgrader tool on, whatever an earlier setup left in the venv.
+LEARNER_CONFIG := $(CURDIR)/jupyter/learner
+INSTRUCTOR_CONFIG := $(CURDIR)/jupyter/instructor
 
 # Jupyter refuses to run as root (containers, CI) unless told to.
 SERVER_OPTS := --port=$(PORT) $(if $(HEADLESS),--ServerApp.open_browser=False) $(if $(filter 0,$(shell id -u)),--allow-root)
@@ -37,14 +42,12 @@ $(STAMP): pyproject.toml
 
 lab: $(STAMP)
 	mkdir -p $(NOTEBOOKS)
-	$(BIN)/jupyter labextension disable --level=sys_prefix $(INSTRUCTOR_EXTENSIONS)
-	$(BIN)/jupyter labextension lock --level=sys_prefix $(INSTRUCTOR_EXTENSIONS)
-	$(RUN) $(BIN)/jupyter lab --ServerApp.root_dir=$(NOTEBOOKS) $(SERVER_OPTS)
+	$(RUN) JUPYTER_CONFIG_PATH="$(LEARNER_CONFIG)$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+		$(BIN)/jupyter lab --ServerApp.root_dir=$(NOTEBOOKS) $(SERVER_OPTS)
 
 lab-instructor: $(STAMP)
-	$(BIN)/jupyter labextension unlock --level=sys_prefix $(INSTRUCTOR_EXTENSIONS)
-	$(BIN)/jupyter labextension enable --level=sys_prefix $(INSTRUCTOR_EXTENSIONS)
-	$(RUN) $(BIN)/jupyter lab --ServerApp.root_dir=. $(SERVER_OPTS)
+	$(RUN) JUPYTER_CONFIG_PATH="$(INSTRUCTOR_CONFIG)$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+		$(BIN)/jupyter lab --ServerApp.root_dir=. $(SERVER_OPTS)
 
 # Lint first (fails on any ruff error), then the whole test suite.
 test: lint
