@@ -27,10 +27,15 @@ def bytes_per_element(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def kv_bytes_per_token_dims(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: int) -> int:
+    """Bytes of K and V one token adds, from four numbers (notebook 05, exercise 1): 2 x layers x KV heads x head_dim x bytes."""
+    return 2 * num_layers * num_kv_heads * head_dim * bytes_per_element
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16, *, per_query_head: bool = False) -> int:
     """Bytes of K and V one token adds to the cache; ``per_query_head`` ignores GQA."""
     layers, heads, kv_heads, head_dim = _dims(config)
-    return 2 * layers * (heads if per_query_head else kv_heads) * head_dim * bytes_per_element(dtype)
+    return kv_bytes_per_token_dims(layers, heads if per_query_head else kv_heads, head_dim, bytes_per_element(dtype))
 
 
 def kv_cache_bytes(config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16, **kw) -> int:
