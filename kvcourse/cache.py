@@ -7,9 +7,25 @@ Both follow the API of ``transformers``' ``Cache`` (``update``, ``get_seq_length
 - ``ConcatKVCache``: per layer, the keys and values so far; each ``update`` concatenates the new
   ones with ``torch.cat`` along the sequence axis. Simple, but every step allocates a new
   tensor and copies the whole cache: O(T) copying per step, O(T^2) over a generation.
-- ``KVCache``: one buffer per layer of capacity ``max_seq_len``, allocated once; ``update``
-  writes the new keys and values in place and returns a view of the filled part (gpt-fast's
-  design). Writing past the capacity raises instead of silently dropping tokens.
+- ``KVCache``: preallocated. One buffer per layer of capacity ``max_seq_len``, allocated once;
+  ``update`` writes the new keys and values into it in place and returns a *view* of the filled
+  part, ``buf[:, :, :end]``. Nothing is reallocated or copied, but that view grows by one
+  position every decode step: its shape is dynamic, so no CUDA graph can be captured over it.
+  Writing past the capacity raises instead of silently dropping tokens.
+
+Static caches for CUDA graphs go one step further and keep every shape fixed: they return the
+*whole* buffer and mask the positions not yet written. gpt-fast's ``KVCache.update`` returns
+``k_cache``/``v_cache`` entire, and its ``Transformer.forward`` masks with
+``causal_mask[None, None, input_pos]``, a row of length ``max_seq_length`` (pytorch-labs/gpt-fast,
+``model.py``); ``transformers``' ``StaticLayer.update`` also returns its full buffers, and its
+``get_mask_sizes`` gives a mask of length ``max_cache_len`` (``transformers/cache_utils.py``).
+Attention then reads the whole capacity every step, empty slots included. ``KVCache`` hands
+attention only the filled part, the same tensors ``transformers``' ``DynamicCache`` would, so
+attention computes exactly what it computes there (the course compares tokens for equality).
+
+``crop(n)`` keeps the first ``n`` tokens for ``n >= 0`` and drops the last ``-n`` for ``n < 0``
+(``transformers`` 5.x ``Cache.crop`` takes only the negative form, "remove that many"; 4.x took
+both). Anything outside ``-length..length`` is refused.
 
 The course's notebooks grade the learner's own cache; these are the references that later
 notebooks fall back on and that the benchmark times.
@@ -28,14 +44,45 @@ def _check_kv(key: torch.Tensor, value: torch.Tensor, layer_idx: int, num_layers
             f"key and value must both be (batch, kv_heads, seq, head_dim); got key {tuple(key.shape)}, "
             f"value {tuple(value.shape)}"
         )
+    if key.dtype != value.dtype or key.device != value.device:
+        raise ValueError(
+            f"key and value must have the same dtype and device; got key {key.dtype} on {key.device}, "
+            f"value {value.dtype} on {value.device}"
+        )
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+        raise TypeError(f"layer_idx must be an int, got {layer_idx!r}")
     if not 0 <= layer_idx < num_layers:
         raise IndexError(f"layer_idx {layer_idx} out of range: this cache has {num_layers} layers")
+
+
+def _check_same_kind(key: torch.Tensor, held: torch.Tensor, layer_idx: int) -> None:
+    """New keys must have the cache's dtype and device: a silent cast would change the arithmetic."""
+    if key.dtype != held.dtype or key.device != held.device:
+        raise ValueError(
+            f"layer {layer_idx} of this cache holds {held.dtype} on {held.device}, but the keys/values given are "
+            f"{key.dtype} on {key.device}. Allocate the cache with the model's dtype and device, e.g. "
+            f"KVCache.for_model(model, ...) or KVCache(..., dtype=model.dtype, device=model.device)"
+        )
+
+
+def _cropped_length(max_length: int, length: int, layer_idx: int) -> int:
+    """The new length after ``crop(max_length)``: keep the first n (n >= 0) or drop the last -n (n < 0)."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise TypeError(f"crop takes an int (keep that many, or drop that many if negative), got {max_length!r}")
+    if not -length <= max_length <= length:
+        raise ValueError(
+            f"crop({max_length}) out of range: layer {layer_idx} holds {length} tokens; pass 0..{length} to keep "
+            f"that many, or -1..-{length} to drop that many from the end"
+        )
+    return max_length if max_length >= 0 else length + max_length
 
 
 class ConcatKVCache:
     """Grows by ``torch.cat`` along the sequence axis (dim 2). Simple; copies everything every step."""
 
     def __init__(self, num_layers: int):
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         self.num_layers = num_layers
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
@@ -43,10 +90,17 @@ class ConcatKVCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Append key/value (B, KV, T_new, D) to layer ``layer_idx``; return all (B, KV, T, D)."""
         _check_kv(key, value, layer_idx, self.num_layers)
-        if self.keys[layer_idx] is None:
+        held = self.keys[layer_idx]
+        if held is None:
             self.keys[layer_idx], self.values[layer_idx] = key, value
         else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=2)  # (B, KV, T + T_new, D)
+            _check_same_kind(key, held, layer_idx)  # torch.cat would silently promote the dtype
+            if key.shape[:2] != held.shape[:2] or key.shape[3] != held.shape[3]:
+                raise ValueError(
+                    f"key {tuple(key.shape)} does not fit layer {layer_idx}, which holds {tuple(held.shape)} "
+                    f"(batch, kv_heads, seq, head_dim): only the seq axis may differ"
+                )
+            self.keys[layer_idx] = torch.cat([held, key], dim=2)  # (B, KV, T + T_new, D)
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=2)
         return self.keys[layer_idx], self.values[layer_idx]
 
@@ -59,11 +113,12 @@ class ConcatKVCache:
         self.values = [None] * self.num_layers
 
     def crop(self, max_length: int) -> None:
-        """Keep only the first ``max_length`` positions."""
-        for i in range(self.num_layers):
+        """Keep the first ``max_length`` positions; a negative value drops that many from the end."""
+        new = [_cropped_length(max_length, self.get_seq_length(i), i) for i in range(self.num_layers)]
+        for i, n in enumerate(new):
             if self.keys[i] is not None:
-                self.keys[i] = self.keys[i][:, :, :max_length]
-                self.values[i] = self.values[i][:, :, :max_length]
+                self.keys[i] = self.keys[i][:, :, :n]
+                self.values[i] = self.values[i][:, :, :n]
 
 
 class CacheOverflowError(RuntimeError):
@@ -71,7 +126,7 @@ class CacheOverflowError(RuntimeError):
 
 
 class KVCache:
-    """Preallocated per-layer buffers (B, KV, max_seq_len, D), written in place."""
+    """Preallocated per-layer buffers (B, KV, max_seq_len, D), written in place; ``update`` returns a growing view."""
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -99,7 +154,10 @@ class KVCache:
         return cls(layers, batch_size, kv, d, max_seq_len, **kw)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write key/value (B, KV, T_new, D) after the cached ones; return views of all (B, KV, T, D)."""
+        """Write key/value (B, KV, T_new, D) after the cached ones; return views of all (B, KV, T, D).
+
+        The views are ``buf[:, :, :T]``: no copy, but one position longer after every decode step.
+        """
         _check_kv(key, value, layer_idx, self.num_layers)
         buf_k = self.keys[layer_idx]
         if key.shape[0] != buf_k.shape[0] or key.shape[1] != buf_k.shape[1] or key.shape[3] != buf_k.shape[3]:
@@ -107,6 +165,7 @@ class KVCache:
                 f"key {tuple(key.shape)} does not fit this cache's (batch, kv_heads, seq, head_dim) = "
                 f"{tuple(buf_k.shape[:2])} + (seq, {buf_k.shape[3]})"
             )
+        _check_same_kind(key, buf_k, layer_idx)  # a silent cast would hide a model/cache dtype mismatch
         start = self.lengths[layer_idx]
         end = start + key.shape[2]
         if end > self.max_seq_len:
@@ -117,7 +176,7 @@ class KVCache:
         buf_k[:, :, start:end] = key  # in place: no new allocation
         self.values[layer_idx][:, :, start:end] = value
         self.lengths[layer_idx] = end
-        return buf_k[:, :, :end], self.values[layer_idx][:, :, :end]
+        return buf_k[:, :, :end], self.values[layer_idx][:, :, :end]  # (B, KV, end, D): a view that grows
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
@@ -127,7 +186,11 @@ class KVCache:
         self.lengths = [0] * self.num_layers
 
     def crop(self, max_length: int) -> None:
-        self.lengths = [min(n, max_length) for n in self.lengths]
+        """Keep the first ``max_length`` tokens; a negative value drops that many from the end.
+
+        The buffers are untouched: the next ``update`` overwrites the dropped positions.
+        """
+        self.lengths = [_cropped_length(max_length, n, i) for i, n in enumerate(self.lengths)]
 
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (the full capacity)."""

@@ -36,11 +36,23 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` means float32: exact token equality with ``transformers`` needs fp32."""
+    """``None`` means float32: exact token equality with ``transformers`` needs fp32.
+
+    Only floating-point dtypes a model's weights can be loaded in are accepted: float32, bfloat16,
+    float16 (and float64); ``torch.int8`` and the like are refused by name (quantisation is another tool).
+    """
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in _WEIGHT_DTYPES:
+            raise ValueError(
+                f"dtype {dtype} cannot hold model weights here: expected a floating-point dtype, torch.float32, "
+                f"torch.bfloat16 or torch.float16 (or None for float32); int8/fp8 quantisation is not supported"
+            )
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .generate import check_generate_args
 from .llama import Llama
 
 
@@ -211,16 +212,7 @@ class FastGenerator:
 
     # ---- generation ---------------------------------------------------------------------------------
     def _check(self, input_ids, max_new_tokens) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
-                   else type(input_ids).__name__)
-            raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids (torch.long), got {got}")
-        if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if input_ids.device != self.device:
-            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
+        check_generate_args(input_ids, max_new_tokens, self.device)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,

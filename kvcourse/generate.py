@@ -10,6 +10,11 @@ with ``transformers``' ``generate(do_sample=False)``. EOS is not special here: e
 ``max_new_tokens`` are produced. To match, call ``generate(..., eos_token_id=None)`` (neither
 stop at EOS nor forbid it); ``min_new_tokens`` alone would *forbid* EOS, so wherever EOS is the
 argmax ``transformers`` would pick the runner-up and the two would part ways.
+
+``generate`` and ``generate_uncached`` take a ``kvcourse.llama.Llama`` or the ``transformers``
+``LlamaForCausalLM`` that ``load_model`` returns (wrapped once with ``Llama.from_hf``, as
+``FastGenerator`` does), and check their arguments the way ``FastGenerator`` does
+(``check_generate_args``).
 """
 
 from __future__ import annotations
@@ -17,11 +22,58 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache
+from .llama import Llama
+
+
+def check_generate_args(input_ids, max_new_tokens, device: torch.device | None = None) -> None:
+    """Raise a clear ``ValueError`` for anything ``generate`` cannot use: what was expected, what came.
+
+    input_ids: a (batch, seq) ``torch.long`` tensor with at least one row and one token per row;
+    max_new_tokens: an int >= 0 (not a bool, not 2.5); device: where the model is, if known.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        hint = "; add a batch axis: input_ids[None]" if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 else ""
+        raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids (torch.long), got {got}{hint}")
+    if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if device is not None and input_ids.device != device:
+        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
+
+
+def _is_transformers_model(model) -> bool:
+    return not isinstance(model, Llama) and hasattr(getattr(model, "config", None), "model_type")
+
+
+def as_llama(model):
+    """A ``transformers`` model becomes ``Llama.from_hf(model)`` (same weights, no copy; a clear
+    ``TypeError`` if it is not a Llama); a ``kvcourse`` ``Llama`` or any other callable is returned as is."""
+    return Llama.from_hf(model) if _is_transformers_model(model) else model
+
+
+def _refuse_transformers_model(model, fn: str) -> None:
+    if _is_transformers_model(model):
+        raise TypeError(
+            f"{fn} takes the course's Llama, got a transformers {type(model).__name__}: wrap it once, outside "
+            f"the loop, with model = kvcourse.Llama.from_hf(hf_model) (same weights, no copy)"
+        )
+
+
+def _model_device(model) -> torch.device | None:
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else None
 
 
 @torch.inference_mode()
 def generate_uncached(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """(B, T) -> (B, T + max_new_tokens), recomputing the full forward pass each step."""
+    model = as_llama(model)
+    check_generate_args(input_ids, max_new_tokens, _model_device(model))
+    if max_new_tokens == 0:
+        return input_ids.clone()
     ids = input_ids
     for _ in range(max_new_tokens):
         logits = model(ids)  # (B, T_so_far, V): every position, every step
@@ -33,22 +85,32 @@ def generate_uncached(model, input_ids: torch.Tensor, max_new_tokens: int) -> to
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
     """Fill the cache with the prompt's keys/values; return the last position's logits (B, V)."""
+    _refuse_transformers_model(model, "prefill")
     return model(input_ids, cache, last_only=True)[:, -1]
 
 
 @torch.inference_mode()
 def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
     """One step: token (B, 1) at position cache.get_seq_length(); returns logits (B, V)."""
+    _refuse_transformers_model(model, "decode_one_token")
     return model(token, cache, last_only=True)[:, -1]
 
 
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, cache=None) -> torch.Tensor:
-    """(B, T) -> (B, T + max_new_tokens) with a KV cache (a new ``KVCache`` unless one is given)."""
-    if max_new_tokens < 1:
-        return input_ids
+    """(B, T) -> (B, T + max_new_tokens) with a KV cache.
+
+    cache: ``None`` for a new ``KVCache`` sized for this call, or a cache to ``reset()`` and reuse
+    (a new prompt starts from an empty cache, as notebook 04 teaches).
+    """
+    model = as_llama(model)
+    check_generate_args(input_ids, max_new_tokens, _model_device(model))
+    if max_new_tokens == 0:
+        return input_ids.clone()
     if cache is None:
         cache = KVCache.for_model(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+    else:
+        cache.reset()
     next_id = prefill(model, input_ids, cache).argmax(dim=-1, keepdim=True)  # (B, 1)
     out = [input_ids, next_id]
     for _ in range(max_new_tokens - 1):

@@ -1,9 +1,11 @@
-"""A from-scratch Llama forward pass, readable top to bottom, that runs any ``LlamaForCausalLM``.
+"""A from-scratch Llama forward pass, readable top to bottom, that runs the weights of a ``LlamaForCausalLM``.
 
 RMSNorm, rotary position embeddings (RoPE), grouped-query attention (GQA) and a SwiGLU MLP, in
 the style of nanoGPT: one file, shapes commented where they change. ``Llama.from_hf(model)``
 takes the weights of a ``transformers`` ``LlamaForCausalLM`` (the bundled model, SmolLM2,
-Llama 3) without copying them, and reproduces its logits in float32.
+Llama 3) without copying them, and reproduces its logits in float32. What it cannot reproduce it
+refuses by name: an MLP activation other than SiLU, RoPE types whose frequencies change at run
+time (``dynamic``, ``longrope``) or that it does not implement; see ``SUPPORTED_ROPE_TYPES``.
 
 Its attention takes an optional KV cache: any object with ``update(key, value, layer_idx) ->
 (keys, values)`` and ``get_seq_length()``, laid out ``(batch, kv_heads, seq, head_dim)`` like
@@ -66,6 +68,51 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+# RoPE variants whose frequencies are fixed by the config (transformers computes them once, at init).
+# "dynamic" and "longrope" change them with the sequence length at run time; the rest are not Llama's.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_ROPE_REFUSALS = {
+    "dynamic": "dynamic NTK scaling: transformers recomputes the RoPE frequencies whenever a sequence runs past "
+               "max_position_embeddings={mpe}, so they depend on the sequence length (and its inv_freq buffer "
+               "keeps whatever the last call left there)",
+    "longrope": "LongRoPE: transformers switches to its long factors whenever a sequence runs past "
+                "original_max_position_embeddings, so the frequencies depend on the sequence length",
+}
+
+
+def rope_from_config(config) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies (head_dim / 2,) in float32 and the cos/sin scale, from the config alone.
+
+    The same computation as ``transformers``' ``LlamaRotaryEmbedding`` at init (its
+    ``compute_default_rope_parameters``, or ``modeling_rope_utils.ROPE_INIT_FUNCTIONS`` for the
+    scaled types). Raises ``ValueError``, naming the type, for any type not in ``SUPPORTED_ROPE_TYPES``.
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        why = _ROPE_REFUSALS.get(rope_type, "a RoPE variant the from-scratch forward does not implement").format(
+            mpe=getattr(config, "max_position_embeddings", "?"))
+        raise ValueError(
+            f"Llama.from_hf cannot reproduce RoPE type {rope_type!r} ({why}); kvcourse's Llama uses fixed "
+            f"frequencies and would give wrong logits. Supported RoPE types: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq, scale = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    if inv_freq.shape != (head_dim // 2,):
+        raise ValueError(
+            f"Llama.from_hf rotates every dimension of a head: RoPE type {rope_type!r} gave {inv_freq.numel()} "
+            f"frequencies for head_dim {head_dim}, expected {head_dim // 2} (partial_rotary_factor "
+            f"{params.get('partial_rotary_factor', 1.0)} is not supported)"
+        )
+    return inv_freq.float(), float(scale)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
@@ -173,7 +220,13 @@ class Llama(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model) -> Llama:
-        """Wrap the weights of a ``transformers`` ``LlamaForCausalLM`` (shared, not copied)."""
+        """Wrap the weights of a ``transformers`` ``LlamaForCausalLM`` (shared, not copied).
+
+        Refuses by name what this forward cannot reproduce: another architecture, an MLP activation
+        other than SiLU, a RoPE type outside ``SUPPORTED_ROPE_TYPES``. The RoPE frequencies are
+        recomputed from the config, never copied from the model's ``inv_freq`` buffer, which
+        ``transformers`` rewrites at run time for dynamic RoPE.
+        """
         config = getattr(hf_model, "config", None)
         model_type = getattr(config, "model_type", None)
         if model_type != "llama":
@@ -181,6 +234,17 @@ class Llama(nn.Module):
                 f"Llama.from_hf expects a LlamaForCausalLM (config.model_type 'llama'), got "
                 f"{type(hf_model).__name__} with model_type {model_type!r}: the from-scratch forward only knows Llama"
             )
+        if not hasattr(hf_model, "lm_head"):
+            raise TypeError(
+                f"Llama.from_hf expects a LlamaForCausalLM (with its lm_head), got a {type(hf_model).__name__}"
+            )
+        act = getattr(config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(
+                f"Llama.from_hf reproduces Llama's SwiGLU MLP, silu(gate(x)) * up(x); this model's config.hidden_act "
+                f"is {act!r}, expected 'silu', so its logits would be wrong"
+            )
+        inv_freq, rope_scale = rope_from_config(config)
         a = LlamaArgs.from_config(config)
         with torch.device("meta"):
             model = cls(a)
@@ -193,9 +257,11 @@ class Llama(nn.Module):
         if "lm_head.weight" not in sd:  # tied embeddings
             sd["lm_head.weight"] = sd["embed.weight"]
         model.load_state_dict(sd, strict=True, assign=True)
-        rotary = hf_model.model.rotary_emb  # reuse its frequencies: covers every RoPE variant it supports
-        model.inv_freq = rotary.inv_freq.detach().clone()
-        model.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        # Round the fresh frequencies as transformers' buffer is (model.to(bfloat16) casts it too).
+        held = getattr(getattr(getattr(hf_model, "model", None), "rotary_emb", None), "inv_freq", None)
+        dtype = held.dtype if isinstance(held, torch.Tensor) and held.is_floating_point() else torch.float32
+        model.inv_freq = inv_freq.to(device=model.embed.weight.device, dtype=dtype)
+        model.rope_scale = rope_scale
         return model.eval()
 
     @property
