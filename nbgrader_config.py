@@ -19,6 +19,9 @@ c.CourseDirectory.db_url = "sqlite:///" + os.path.join(c.CourseDirectory.root, "
 # an infinite loop still ends: that cell scores 0, the kernel is interrupted, grading goes on.
 c.Execute.timeout = int(os.environ.get("KVCOURSE_CELL_TIMEOUT", "180"))
 c.Execute.interrupt_on_timeout = True
+# A kernel must start within this time, or nbgrader drops the whole submission (no autograded notebook).
+# nbclient's default, 60 s, was exceeded when a dozen kernels started at once on 2 loaded cores.
+c.Execute.startup_timeout = int(os.environ.get("KVCOURSE_KERNEL_STARTUP_TIMEOUT", "300"))
 
 # Any stderr output in a test cell scores it 0. A warning raised inside a learner's (correct) code
 # must not cost points: kernels started by nbgrader inherit this environment.
