@@ -14,15 +14,14 @@ install stamp), so nothing is rebuilt or installed.
 from __future__ import annotations
 
 import csv
-import os
 import re
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from venvs import make_env, stand_in_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "instructor-guide.md"
@@ -31,7 +30,6 @@ A = "05_cache_memory"  # the quickest assignment to grade
 NOTEBOOK = "cache_memory.ipynb"
 LEARNERS = ("full", "partial", "empty")
 COPIED = ("Makefile", "nbgrader_config.py", "pyproject.toml", "solutions", "notebooks")
-STAMP = ".installed"  # the Makefile's $(STAMP) is $(VENV)/.installed
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
@@ -58,32 +56,6 @@ def fresh_clone(tmp: Path) -> Path:
         else:
             shutil.copy2(src, course / name)
     return course
-
-
-def make_env(venv: Path) -> dict[str, str]:
-    """The caller's environment, with make told to use ``venv`` (and nothing of a parent make)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
-    env["MAKEFLAGS"] = f"VENV={venv}"
-    env.setdefault("OMP_NUM_THREADS", "1")  # be gentle on a small CI machine
-    return env
-
-
-def stand_in_venv(tmp: Path, course: Path) -> Path:
-    """A VENV for make: the running environment's entries, linked, plus a fresh install stamp."""
-    venv = tmp / "venv"
-    assert " " not in str(venv), f"make cannot take a VENV path with spaces: {venv}"
-    venv.mkdir()
-    for entry in Path(sys.prefix).iterdir():
-        if entry.name != STAMP:
-            (venv / entry.name).symlink_to(entry)
-    (venv / STAMP).touch()  # newer than the copied pyproject.toml
-    # If make thought the venv out of date it would pip install into the *running* environment.
-    q = subprocess.run(["make", "-q", str(venv / STAMP)], cwd=course, env=make_env(venv),
-                       capture_output=True, text=True)
-    assert q.returncode == 0, (
-        f"make would rebuild the environment ({venv / STAMP} not up to date or not the Makefile's stamp); "
-        f"this test must not install anything:\n{q.stdout}{q.stderr}")
-    return venv
 
 
 def run_commands(course: Path, venv: Path, commands: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

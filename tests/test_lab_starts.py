@@ -32,10 +32,10 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbgrader import __version__ as NBGRADER_VERSION
+from venvs import stand_in_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("Makefile", "pyproject.toml", "nbgrader_config.py", "jupyter", "notebooks")
-STAMP = ".installed"  # the Makefile's $(STAMP) is $(VENV)/.installed
 STARTUP_TIMEOUT_S = 240  # generous: a loaded 2-core machine can take minutes to import everything
 REQUEST_TIMEOUT_S = 120
 
@@ -117,23 +117,6 @@ def make_env(venv: Path, home: Path, token: str) -> dict[str, str]:
         "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
     })
     return env
-
-
-def stand_in_venv(tmp: Path, course: Path) -> Path:
-    """A VENV for make: the running environment's entries, linked, plus a fresh install stamp."""
-    venv = tmp / "venv"
-    assert " " not in str(venv), f"make cannot take a VENV path with spaces: {venv}"
-    venv.mkdir()
-    for entry in Path(sys.prefix).iterdir():
-        if entry.name != STAMP:
-            (venv / entry.name).symlink_to(entry)
-    (venv / STAMP).touch()  # newer than the copied pyproject.toml
-    q = subprocess.run(["make", "-q", str(venv / STAMP)], cwd=course, env={**os.environ, "MAKEFLAGS": f"VENV={venv}"},
-                       capture_output=True, text=True)
-    assert q.returncode == 0, (
-        f"make would rebuild the environment ({venv / STAMP} not up to date); this test must not install "
-        f"anything:\n{q.stdout}{q.stderr}")
-    return venv
 
 
 class Lab:
