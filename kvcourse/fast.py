@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .generate import check_generate_args
-from .llama import Llama
+from .llama import Llama, check_attention_mask, padding_causal_mask, positions_from_mask
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -178,18 +178,24 @@ class FastGenerator:
         self.compiled = True
 
     # ---- the model ----------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, pos: int, causal: bool = False) -> torch.Tensor:
-        """Logits (B, V) for the last of ``ids`` (B, T), which sit at positions pos..pos+T-1.
+    def _forward(self, ids: torch.Tensor, pos: int, causal: bool = False, positions: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) for the last of ``ids`` (B, T), which sit in cache slots pos..pos+T-1.
 
         Prefill: the whole prompt at pos == 0, ``causal=True``. Decode: one token (T == 1), ``causal=False``
-        (the one query may see every cached key).
+        (the one query may see every cached key). A left-padded batch also passes its rows' RoPE
+        ``positions`` (B, T) and a boolean attention ``mask`` (B, 1, T, pos + T) that holds the causal part.
         """
         b, t = ids.shape
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         end = pos + t
         x = F.embedding(ids, self.embed)  # (B, T, C)
-        cos = self.cos[pos:end, None, :]  # (T, 1, D): broadcasts over heads
-        sin = self.sin_signed[pos:end, None, :]
+        if positions is None:
+            cos = self.cos[pos:end, None, :]  # (T, 1, D): broadcasts over heads
+            sin = self.sin_signed[pos:end, None, :]
+        else:
+            cos = self.cos[positions][:, :, None, :]  # (B, T, 1, D): each row its own positions
+            sin = self.sin_signed[positions][:, :, None, :]
         for i, blk in enumerate(self.blocks):
             h = rms_norm(x, blk.attn_norm, self.eps)
             qkv = F.linear(h, blk.wqkv, blk.bqkv)  # (B, T, (H + 2KV) D)
@@ -201,8 +207,8 @@ class FastGenerator:
             self.k_cache[i, :b, :, pos:end] = k  # in place: no allocation, no copy of the past
             self.v_cache[i, :b, :, pos:end] = v
             keys, values = self.k_cache[i, :b, :, :end], self.v_cache[i, :b, :, :end]  # (B, KV, pos + T, D)
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=self.scale,
-                                               enable_gqa=self.gqa)  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and mask is None,
+                                               scale=self.scale, enable_gqa=self.gqa)  # (B, H, T, D)
             x = x + F.linear(y.transpose(1, 2).reshape(b, t, nh * d), blk.wo, blk.bo)  # (B, T, C)
             h = rms_norm(x, blk.mlp_norm, self.eps)
             gate, up = F.linear(h, blk.w_gate_up, blk.b_gate_up).chunk(2, dim=-1)  # (B, T, I) each
@@ -216,14 +222,18 @@ class FastGenerator:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
-                 callback: Callable[[torch.Tensor], object] | None = None) -> torch.Tensor:
+                 callback: Callable[[torch.Tensor], object] | None = None, *,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) -> (B, T + max_new_tokens): prompt, then greedy (argmax) tokens. EOS is not special.
 
         ``callback``, if given, is called with each new token (B, 1), still on the device (gpt-fast's hook:
         streaming, or per-step timing; reading the token there makes the host wait for the device).
+        ``attention_mask``: ``None`` or (B, T) of 0/1 for a left-padded batch, as ``transformers`` takes it.
         """
         self._check(input_ids, max_new_tokens)
         b, t = input_ids.shape
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, b, t, self.device)
         if max_new_tokens == 0:
             return input_ids.clone()
         if not self._warm:
@@ -231,12 +241,25 @@ class FastGenerator:
         self.setup_caches(b, t + max_new_tokens)
         out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=self.device)  # (B, T + N)
         out[:, :t] = input_ids
-        logits = self._forward(input_ids, 0, causal=t > 1)  # prefill: (B, V) for the last prompt position
+        positions = mask = None
+        if attention_mask is not None:
+            # every generated token is real: the mask is the prompt's, then ones; positions follow from it
+            mask = torch.ones(b, t + max_new_tokens, dtype=torch.bool, device=self.device)  # (B, T + N)
+            mask[:, :t] = attention_mask.bool()
+            positions = positions_from_mask(mask)  # (B, T + N)
+            logits = self._forward(input_ids, 0, positions=positions[:, :t],
+                                   mask=padding_causal_mask(mask[:, :t], t))  # prefill: (B, V)
+        else:
+            logits = self._forward(input_ids, 0, causal=t > 1)  # prefill: (B, V) for the last prompt position
         out[:, t] = logits.argmax(dim=-1)
         if callback is not None:
             callback(out[:, t:t + 1])
         for i in range(t, t + max_new_tokens - 1):
-            logits = self._decode(out[:, i:i + 1], i)  # the token just written, at position i
+            if mask is None:
+                logits = self._decode(out[:, i:i + 1], i)  # the token just written, at position i
+            else:  # one query sees every real key so far: the mask's causal part is all True
+                logits = self._decode(out[:, i:i + 1], i, positions=positions[:, i:i + 1],
+                                      mask=mask[:, None, None, :i + 1])
             out[:, i + 1] = logits.argmax(dim=-1)
             if callback is not None:
                 callback(out[:, i + 1:i + 2])

@@ -12,6 +12,13 @@ Its attention takes an optional KV cache: any object with ``update(key, value, l
 ``transformers``' ``Cache``. The position of new tokens comes from the cache's length, so the
 cache keeps the position and the model never has to be told twice.
 
+Batches of prompts of different lengths are left-padded and come with an ``attention_mask``
+``(batch, cached + new)``, 1 for a real token and 0 for padding, as in ``transformers``. Each row's
+positions then count its real tokens only (``position_ids = attention_mask.cumsum(-1) - 1``, padding
+at 0, as ``GenerationMixin._prepare_position_ids_for_generation``), and attention masks both the
+future and the padding (``padding_causal_mask``, the boolean mask ``masking_utils.sdpa_mask`` builds).
+A padded batch needs no special cache: padding is cached like any token and masked when read.
+
 References: Touvron et al. 2023 (LLaMA); Su et al. 2021 (RoFormer, RoPE); Zhang & Sennrich 2019
 (RMSNorm); Shazeer 2020 (SwiGLU); Ainslie et al. 2023 (GQA); Karpathy's nanoGPT ``model.py``;
 ``transformers/models/llama/modeling_llama.py``.
@@ -116,9 +123,9 @@ def rope_from_config(config) -> tuple[torch.Tensor, float]:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
-    """cos and sin of angle position * frequency, each (T, head_dim)."""
-    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # (T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+    """cos and sin of angle position * frequency: (T, head_dim) each for positions (T,), (B, T, head_dim) for (B, T)."""
+    freqs = positions.float()[..., None] * inv_freq.float()  # (..., T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
@@ -147,10 +154,38 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | str = "cpu") -> t
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D), queries last in the sequence."""
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row positions (B, T) from a 0/1 ``attention_mask`` (B, T): each row's first real token is at 0.
+
+    ``cumsum - 1`` counts the real tokens before each one; padding is put at position 0, as
+    ``transformers``' ``_prepare_position_ids_for_generation`` does (its value is never attended to).
+    """
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
+
+
+def padding_causal_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Boolean (B, 1, q_len, K) mask, True where a query may look, for the last q_len of K positions.
+
+    A query sees a key when the key is not in its future (``causal_mask``) *and* the key is a real
+    token (``attention_mask`` is 1 there). K = attention_mask.shape[1], the cached plus new tokens.
+    A padding query sees nothing at all; ``scaled_dot_product_attention`` returns zeros for such a row.
+    """
+    k_len = attention_mask.shape[1]
+    future = causal_mask(q_len, k_len, attention_mask.device)  # (Tq, K)
+    real = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, K): padding columns are False
+    return future[None, None] & real  # (B, 1, Tq, K)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D), queries last in the sequence.
+
+    mask: ``None`` (causal only) or a boolean (B, 1, Tq, Tk) that already holds the causal part
+    (``padding_causal_mask``).
+    """
     tq, tk = q.shape[-2], k.shape[-2]
-    mask = None if tq == 1 else causal_mask(tq, tk, q.device)
+    if mask is None and tq > 1:
+        mask = causal_mask(tq, tk, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Tq, D)
 
 
@@ -165,7 +200,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=a.bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                attn_fn: AttentionFn = sdpa_attention) -> torch.Tensor:
+                attn_fn: AttentionFn = sdpa_attention, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -174,7 +209,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, KV, T_past + T, D): the cache holds KV heads only
         rep = self.n_heads // self.n_kv
-        y = attn_fn(q, repeat_kv(k, rep), repeat_kv(v, rep))  # (B, H, T, D)
+        if mask is None:
+            y = attn_fn(q, repeat_kv(k, rep), repeat_kv(v, rep))  # (B, H, T, D)
+        else:  # a padded batch: an attn_fn must take the (B, 1, T, T_past + T) mask too
+            y = attn_fn(q, repeat_kv(k, rep), repeat_kv(v, rep), mask=mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # (B, T, C)
 
 
@@ -199,8 +237,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, cos, sin, cache=None, attn_fn: AttentionFn = sdpa_attention):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, attn_fn)
+    def forward(self, x, cos, sin, cache=None, attn_fn: AttentionFn = sdpa_attention, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, attn_fn, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -272,12 +310,18 @@ class Llama(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, cache=None, *, start_pos: int | None = None,
-                attn_fn: AttentionFn = sdpa_attention, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache=None, *, attention_mask: torch.Tensor | None = None,
+                start_pos: int | None = None, attn_fn: AttentionFn = sdpa_attention,
+                last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T); (B, 1, vocab) with ``last_only``.
 
         With a cache, the new tokens sit after the ``cache.get_seq_length()`` tokens already in
         it and their keys/values are appended to it. ``start_pos``, if given, must agree.
+
+        attention_mask: ``None`` (every token is real) or (B, cached + T) of 0/1 (or bool), 0 for
+        padding, covering the cached tokens and the new ones, as ``transformers`` takes it. Rows then
+        get their own positions (``positions_from_mask``) and attention skips the padding
+        (``padding_causal_mask``); an ``attn_fn`` is then called with ``mask=`` as well.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
@@ -291,12 +335,37 @@ class Llama(nn.Module):
                 f"start_pos={start_pos} but the cache already holds {past} tokens: new tokens must be placed "
                 f"right after the cached ones (position offset = cache length)"
             )
-        t = input_ids.shape[1]
-        positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)  # (T,)
+        b, t = input_ids.shape
         x = self.embed(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)  # (T, D) each
+        mask = None
+        if attention_mask is None:
+            positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)  # (T,)
+            cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)  # (T, D) each
+        else:
+            check_attention_mask(attention_mask, b, start_pos + t, input_ids.device)
+            positions = positions_from_mask(attention_mask)[:, -t:]  # (B, T): each row counts its real tokens
+            cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)  # (B, T, D) each
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
+            mask = padding_causal_mask(attention_mask, t)  # (B, 1, T, cached + T)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, attn_fn)
+            x = layer(x, cos, sin, cache, attn_fn, mask)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+
+def check_attention_mask(attention_mask, batch_size: int, length: int, device: torch.device | None = None) -> None:
+    """Raise a clear ``ValueError`` unless attention_mask is a (batch_size, length) tensor of 0/1 (or bool)."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a (batch, seq) tensor of 0/1, got {type(attention_mask).__name__}")
+    if attention_mask.shape != (batch_size, length):
+        raise ValueError(
+            f"attention_mask must be (batch, cached + new tokens) = {(batch_size, length)}, got "
+            f"{tuple(attention_mask.shape)}: it covers every token the cache holds as well as the new ones"
+        )
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise ValueError(f"attention_mask must hold 0/1 integers or bools, got {attention_mask.dtype}")
+    if device is not None and attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids are on {device}")
+    if attention_mask.dtype != torch.bool and not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
