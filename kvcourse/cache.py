@@ -1,4 +1,4 @@
-"""Reference KV caches: the simple one that grows with ``torch.cat``, and a preallocated one.
+"""Reference KV caches: the simple one that grows with ``torch.cat``, a preallocated one, and a static-shape one.
 
 Both follow the API of ``transformers``' ``Cache`` (``update``, ``get_seq_length``, ``reset``,
 ``crop``) and its layout ``(batch, kv_heads, seq, head_dim)``, so the from-scratch
@@ -13,8 +13,13 @@ Both follow the API of ``transformers``' ``Cache`` (``update``, ``get_seq_length
   position every decode step: its shape is dynamic, so no CUDA graph can be captured over it.
   Writing past the capacity raises instead of silently dropping tokens.
 
-Static caches for CUDA graphs go one step further and keep every shape fixed: they return the
-*whole* buffer and mask the positions not yet written. gpt-fast's ``KVCache.update`` returns
+- ``StaticKVCache``: the same buffers, but ``update`` returns them *whole*, ``(B, KV, max_seq_len, D)``
+  at every step, and the model masks the slots not yet written (``Llama.forward`` reads
+  ``static_shape`` and builds a mask of width ``max_seq_len``). Every decode step then sees the same
+  shapes, which is what a CUDA graph needs; the price is that attention reads the whole capacity.
+
+Static caches for CUDA graphs keep every shape fixed: they return the *whole* buffer and mask the
+positions not yet written. gpt-fast's ``KVCache.update`` returns
 ``k_cache``/``v_cache`` entire, and its ``Transformer.forward`` masks with
 ``causal_mask[None, None, input_pos]``, a row of length ``max_seq_length`` (pytorch-labs/gpt-fast,
 ``model.py``); ``transformers``' ``StaticLayer.update`` also returns its full buffers, and its
@@ -195,3 +200,21 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (the full capacity)."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class StaticKVCache(KVCache):
+    """``KVCache`` whose ``update`` returns the whole buffers, the same shape at every step.
+
+    The attention must mask the slots not yet written: ``Llama.forward`` does, reading
+    ``static_shape``, with a mask of width ``max_seq_len`` (keys after a query's own slot are
+    masked; the unwritten ones are all after it). This is the layout of gpt-fast's ``KVCache``
+    (``model.py``) and ``transformers``' ``StaticLayer``; the unwritten slots hold zeros (or an
+    earlier prompt's keys after ``reset()``): finite values, which a masked weight of exactly 0 removes.
+    """
+
+    static_shape = True
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write key/value (B, KV, T_new, D) after the cached ones; return the whole buffers (B, KV, S_max, D)."""
+        super().update(key, value, layer_idx)
+        return self.keys[layer_idx], self.values[layer_idx]  # (B, KV, S_max, D): never changes shape

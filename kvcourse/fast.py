@@ -101,7 +101,8 @@ class FastGenerator:
     compiler is found, or compilation fails, it warns and runs eagerly.
     """
 
-    def __init__(self, model, *, compile: bool = False, max_seq_len: int | None = None):
+    def __init__(self, model, *, compile: bool = False, max_seq_len: int | None = None, static: bool = False,
+                 cuda_graph: bool = False):
         if not isinstance(model, Llama):
             model = Llama.from_hf(model)  # raises a clear TypeError for non-Llama models
         a = model.args
@@ -136,8 +137,19 @@ class FastGenerator:
         self.compile_requested = compile
         self.compiled = False
         self.compile_seconds = 0.0
+        self.capture_seconds = 0.0  # CUDA graph capture, included in warmup()'s time
         self._decode = self._forward  # the decode step: eager, or its compiled version
         self._warm = not compile  # a compiled step is compiled (and checked) by its first run: warmup()
+        if compile and (static or cuda_graph):
+            raise ValueError("compile=True compiles the dynamic-shape decode step; static=True / cuda_graph=True use "
+                             "the static-shape one (captured in a CUDA graph on a GPU): pick one")
+        self.static = static or cuda_graph
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        if cuda_graph and not self.cuda_graph:
+            warnings.warn(f"CUDA graphs need a CUDA device, the model is on {self.device}: running the static-shape "
+                          f"decode step eagerly", RuntimeWarning, stacklevel=2)
+        self._static_states: dict[int, _StaticState] = {}  # per batch size: input buffers (and the graph)
+        self.max_seq_len_requested = max_seq_len or 0
         if compile:
             self._compile()
 
@@ -160,12 +172,14 @@ class FastGenerator:
             return
         batch_size, max_seq_len = max(batch_size, self.batch_size), max(max_seq_len, self.max_seq_len)
         shape = (len(self.blocks), batch_size, self.n_kv, max_seq_len, self.head_dim)  # (L, B, KV, S, D)
-        # empty, not zeros: attention only ever reads positions that were written
-        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # zeros, not empty: the static step reads every slot and masks the unwritten ones, and a masked weight
+        # of exactly 0 times a NaN left in uninitialised memory is NaN (the dynamic step reads written slots only)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         if max_seq_len > self.rope_len:
             self._rope_table(max_seq_len)
+        self._static_states.clear()  # captured graphs read the old buffers: capture again
 
     def _compile(self) -> None:
         """Compile the decode step, or warn and stay eager when there is no compiler to compile with."""
@@ -178,6 +192,31 @@ class FastGenerator:
         self.compiled = True
 
     # ---- the model ----------------------------------------------------------------------------------
+    def _qkv(self, blk: FusedBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Norm, the fused q/k/v projection and RoPE for one layer: q (B, H, T, D), k and v (B, KV, T, D)."""
+        b, t, _ = x.shape
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        h = rms_norm(x, blk.attn_norm, self.eps)
+        qkv = F.linear(h, blk.wqkv, blk.bqkv)  # (B, T, (H + 2KV) D)
+        qk = qkv[..., : (nh + nkv) * d].view(b, t, nh + nkv, d)  # (B, T, H + KV, D)
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, H, T, D)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, KV, T, D)
+        v = qkv[..., (nh + nkv) * d:].view(b, t, nkv, d).transpose(1, 2)  # (B, KV, T, D)
+        return q, k, v
+
+    def _out_and_mlp(self, blk: FusedBlock, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The attention output y (B, H, T, D) through o_proj into the residual, then the MLP: x (B, T, C)."""
+        b, t, _ = x.shape
+        x = x + F.linear(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), blk.wo, blk.bo)  # (B, T, C)
+        h = rms_norm(x, blk.mlp_norm, self.eps)
+        gate, up = F.linear(h, blk.w_gate_up, blk.b_gate_up).chunk(2, dim=-1)  # (B, T, I) each
+        return x + F.linear(F.silu(gate) * up, blk.w_down, blk.b_down)  # (B, T, C)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(x[:, -1], self.norm, self.eps)  # (B, C): the last position only
+        return F.linear(x, self.lm_head)  # (B, V)
+
     def _forward(self, ids: torch.Tensor, pos: int, causal: bool = False, positions: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, V) for the last of ``ids`` (B, T), which sit in cache slots pos..pos+T-1.
@@ -185,9 +224,9 @@ class FastGenerator:
         Prefill: the whole prompt at pos == 0, ``causal=True``. Decode: one token (T == 1), ``causal=False``
         (the one query may see every cached key). A left-padded batch also passes its rows' RoPE
         ``positions`` (B, T) and a boolean attention ``mask`` (B, 1, T, pos + T) that holds the causal part.
+        Attention reads the filled slots only, ``[:pos + T]``: a shape that grows every step.
         """
         b, t = ids.shape
-        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         end = pos + t
         x = F.embedding(ids, self.embed)  # (B, T, C)
         if positions is None:
@@ -197,24 +236,39 @@ class FastGenerator:
             cos = self.cos[positions][:, :, None, :]  # (B, T, 1, D): each row its own positions
             sin = self.sin_signed[positions][:, :, None, :]
         for i, blk in enumerate(self.blocks):
-            h = rms_norm(x, blk.attn_norm, self.eps)
-            qkv = F.linear(h, blk.wqkv, blk.bqkv)  # (B, T, (H + 2KV) D)
-            qk = qkv[..., : (nh + nkv) * d].view(b, t, nh + nkv, d)  # (B, T, H + KV, D)
-            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
-            q = qk[:, :, :nh].transpose(1, 2)  # (B, H, T, D)
-            k = qk[:, :, nh:].transpose(1, 2)  # (B, KV, T, D)
-            v = qkv[..., (nh + nkv) * d:].view(b, t, nkv, d).transpose(1, 2)  # (B, KV, T, D)
+            q, k, v = self._qkv(blk, x, cos, sin)
             self.k_cache[i, :b, :, pos:end] = k  # in place: no allocation, no copy of the past
             self.v_cache[i, :b, :, pos:end] = v
             keys, values = self.k_cache[i, :b, :, :end], self.v_cache[i, :b, :, :end]  # (B, KV, pos + T, D)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and mask is None,
                                                scale=self.scale, enable_gqa=self.gqa)  # (B, H, T, D)
-            x = x + F.linear(y.transpose(1, 2).reshape(b, t, nh * d), blk.wo, blk.bo)  # (B, T, C)
-            h = rms_norm(x, blk.mlp_norm, self.eps)
-            gate, up = F.linear(h, blk.w_gate_up, blk.b_gate_up).chunk(2, dim=-1)  # (B, T, I) each
-            x = x + F.linear(F.silu(gate) * up, blk.w_down, blk.b_down)  # (B, T, C)
-        x = rms_norm(x[:, -1], self.norm, self.eps)  # (B, C): the last position only
-        return F.linear(x, self.lm_head)  # (B, V)
+            x = self._out_and_mlp(blk, x, y)
+        return self._logits(x)
+
+    def _decode_static(self, token: torch.Tensor, slot: torch.Tensor, rope_pos: torch.Tensor,
+                       slot_mask: torch.Tensor) -> torch.Tensor:
+        """One decode step whose tensor shapes never change: what a CUDA graph can capture.
+
+        token (B, 1); slot (1,) long, the cache slot to write, a *tensor* so that a captured graph reads
+        the current value; rope_pos (B, 1) long, each row's position; slot_mask (B, S) bool, the slots
+        each row may attend to, updated here for the new token. Attention reads the whole buffer
+        (B, KV, S, D) and masks the rest, as gpt-fast's ``model.py`` and ``transformers``' ``StaticLayer`` do.
+        """
+        b = token.shape[0]
+        x = F.embedding(token, self.embed)  # (B, 1, C)
+        cos = self.cos[rope_pos][:, :, None, :]  # (B, 1, 1, D)
+        sin = self.sin_signed[rope_pos][:, :, None, :]
+        slot_mask.index_fill_(1, slot, True)  # the new token is real for every row
+        mask = slot_mask[:, None, None, :]  # (B, 1, 1, S): one query per row
+        for i, blk in enumerate(self.blocks):
+            q, k, v = self._qkv(blk, x, cos, sin)
+            keys, values = self.k_cache[i, :b], self.v_cache[i, :b]  # (B, KV, S, D): the whole buffer, always
+            keys.index_copy_(2, slot, k)  # in place, at a position read from a tensor
+            values.index_copy_(2, slot, v)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.gqa)  # (B, H, 1, D)
+            x = self._out_and_mlp(blk, x, y)
+        return self._logits(x)
 
     # ---- generation ---------------------------------------------------------------------------------
     def _check(self, input_ids, max_new_tokens) -> None:
@@ -239,6 +293,8 @@ class FastGenerator:
         if not self._warm:
             self.warmup(b, t)
         self.setup_caches(b, t + max_new_tokens)
+        if self.static:
+            return self._generate_static(input_ids, max_new_tokens, callback, attention_mask)
         out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=self.device)  # (B, T + N)
         out[:, :t] = input_ids
         positions = mask = None
@@ -265,12 +321,81 @@ class FastGenerator:
                 callback(out[:, i + 1:i + 2])
         return out
 
-    def warmup(self, batch_size: int = 1, seq_len: int = 8) -> float:
-        """Run once (compiling, with compile=True); return the seconds it took. generate() calls it if needed.
+    def _generate_static(self, input_ids: torch.Tensor, max_new_tokens: int, callback, attention_mask) -> torch.Tensor:
+        """generate() with the static-shape decode step (replayed as a CUDA graph when captured).
 
-        If compilation fails (no working toolchain, an unsupported op), warn and fall back to eager.
+        Prefill runs the eager ``_forward`` (its length changes from prompt to prompt); each decode step
+        then has the same shapes: the token, the slot and the positions are written into fixed buffers
+        and the step (or its graph) reads them from there.
+        """
+        b, t = input_ids.shape
+        st = self._static_state(b)  # captures the graph first, before the cache holds anything
+        out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=self.device)  # (B, T + N)
+        out[:, :t] = input_ids
+        prompt_mask = (torch.ones(b, t, dtype=torch.bool, device=self.device) if attention_mask is None
+                       else attention_mask.bool())  # (B, T)
+        if attention_mask is None:
+            logits = self._forward(input_ids, 0, causal=t > 1)  # prefill: (B, V)
+        else:
+            logits = self._forward(input_ids, 0, positions=positions_from_mask(prompt_mask),
+                                   mask=padding_causal_mask(prompt_mask, t))
+        out[:, t] = logits.argmax(dim=-1)
+        if callback is not None:
+            callback(out[:, t:t + 1])
+        st.slot_mask.zero_()
+        st.slot_mask[:, :t] = prompt_mask  # (B, S): the prompt's real tokens; the step adds each new one
+        st.rope_pos.copy_(prompt_mask.sum(dim=1, keepdim=True))  # (B, 1): each row's next position
+        for i in range(t, t + max_new_tokens - 1):
+            st.token.copy_(out[:, i:i + 1])
+            st.slot.fill_(i)
+            if st.graph is not None:
+                st.graph.replay()  # the whole step, one launch; reads token/slot/rope_pos/slot_mask
+                logits = st.logits
+            else:
+                logits = self._decode_static(st.token, st.slot, st.rope_pos, st.slot_mask)
+            out[:, i + 1] = logits.argmax(dim=-1)
+            st.rope_pos.add_(1)
+            if callback is not None:
+                callback(out[:, i + 1:i + 2])
+        return out
+
+    def _static_state(self, b: int) -> _StaticState:
+        """The fixed input buffers for batch size b (and, on a GPU with cuda_graph=True, the captured step)."""
+        st = self._static_states.get(b)
+        if st is not None:
+            return st
+        dev = self.device
+        st = _StaticState(token=torch.zeros(b, 1, dtype=torch.long, device=dev),
+                          slot=torch.zeros(1, dtype=torch.long, device=dev),
+                          rope_pos=torch.zeros(b, 1, dtype=torch.long, device=dev),
+                          slot_mask=torch.zeros(b, self.max_seq_len, dtype=torch.bool, device=dev))
+        if self.cuda_graph:
+            t0 = time.perf_counter()
+            # Warm-up runs on a side stream (kernels chosen, memory pooled), then one capture. They write
+            # slot 0 of the cache, which the prefill that follows overwrites; capturing runs nothing.
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._decode_static(st.token, st.slot, st.rope_pos, st.slot_mask)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            st.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(st.graph):
+                st.logits = self._decode_static(st.token, st.slot, st.rope_pos, st.slot_mask)  # (B, V), reused
+            torch.cuda.synchronize(dev)
+            self.capture_seconds += time.perf_counter() - t0
+        self._static_states[b] = st
+        return st
+
+    def warmup(self, batch_size: int = 1, seq_len: int = 8, max_new_tokens: int = 3) -> float:
+        """Run once (compiling with compile=True, capturing with cuda_graph=True); return the seconds it took.
+
+        generate() calls it if needed. Pass the real sizes so the cache (and any graph, which is tied to
+        the cache's size) is ready for them. If compilation fails (no working toolchain, an unsupported
+        op), warn and fall back to eager.
         """
         self._warm = True
+        self.setup_caches(batch_size, max(seq_len + max_new_tokens, self.max_seq_len_requested))
         t0 = time.perf_counter()
         ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=self.device)
         try:
@@ -286,6 +411,18 @@ class FastGenerator:
             torch.cuda.synchronize(self.device)
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
+
+
+@dataclass
+class _StaticState:
+    """Fixed buffers a static decode step reads its inputs from, and the graph captured over them."""
+
+    token: torch.Tensor  # (B, 1) long: the token to run
+    slot: torch.Tensor  # (1,) long: its cache slot
+    rope_pos: torch.Tensor  # (B, 1) long: its position in each row
+    slot_mask: torch.Tensor  # (B, S) bool: the slots each row may attend to
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None  # (B, V): the graph's output buffer
 
 
 def fast_generate(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

@@ -144,14 +144,16 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv, n_rep, t, d).reshape(b, kv * n_rep, t, d)
 
 
-def causal_mask(q_len: int, k_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def causal_mask(q_len: int, k_len: int, device: torch.device | str = "cpu", q_offset: int | None = None) -> torch.Tensor:
     """Boolean (q_len, k_len) mask, True where a query may look.
 
     The queries are the *last* q_len of the k_len positions, so query i sees keys 0..k_len-q_len+i:
     in prefill (q_len == k_len) this is the usual lower triangle; in a decode step (q_len == 1)
-    the one new query sees every cached key.
+    the one new query sees every cached key. ``q_offset`` places the first query elsewhere (query i
+    sees keys 0..q_offset+i): a static-shape cache has k_len = its capacity, with empty slots after.
     """
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+    offset = k_len - q_len if q_offset is None else q_offset
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -164,17 +166,20 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T)
 
 
-def padding_causal_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
-    """Boolean (B, 1, q_len, K) mask, True where a query may look, for the last q_len of K positions.
+def padding_causal_mask(attention_mask: torch.Tensor, q_len: int, k_len: int | None = None) -> torch.Tensor:
+    """Boolean (B, 1, q_len, K) mask, True where a query may look, for the last q_len of the masked positions.
 
     A query sees a key when the key is not in its future (``causal_mask``) *and* the key is a real
-    token (``attention_mask`` is 1 there). K = attention_mask.shape[1], the cached plus new tokens.
-    A padding query sees nothing at all; ``scaled_dot_product_attention`` returns zeros for such a row.
+    token (``attention_mask`` is 1 there). By default K = attention_mask.shape[1], the cached plus new
+    tokens; a static-shape cache passes its capacity as ``k_len``, and the slots past the mask count as
+    padding. A padding query sees nothing at all; ``scaled_dot_product_attention`` returns zeros for such a row.
     """
-    k_len = attention_mask.shape[1]
-    future = causal_mask(q_len, k_len, attention_mask.device)  # (Tq, K)
-    real = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, K): padding columns are False
-    return future[None, None] & real  # (B, 1, Tq, K)
+    filled = attention_mask.shape[1]
+    k_len = filled if k_len is None else k_len
+    future = causal_mask(q_len, k_len, attention_mask.device, q_offset=filled - q_len)  # (Tq, K)
+    real = torch.zeros(attention_mask.shape[0], k_len, dtype=torch.bool, device=attention_mask.device)
+    real[:, :filled] = attention_mask.bool()
+    return future[None, None] & real[:, None, None, :]  # (B, 1, Tq, K): padding and empty slots are False
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -338,15 +343,19 @@ class Llama(nn.Module):
         b, t = input_ids.shape
         x = self.embed(input_ids)  # (B, T, C)
         mask = None
+        static = getattr(cache, "static_shape", False)  # the cache returns its whole (B, KV, S_max, D) buffers
         if attention_mask is None:
             positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)  # (T,)
             cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)  # (T, D) each
+            if static:  # mask the slots after each query's own: its future, and the ones not written yet
+                mask = causal_mask(t, cache.max_seq_len, input_ids.device, q_offset=start_pos)[None, None]  # (1, 1, T, S)
         else:
             check_attention_mask(attention_mask, b, start_pos + t, input_ids.device)
             positions = positions_from_mask(attention_mask)[:, -t:]  # (B, T): each row counts its real tokens
             cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)  # (B, T, D) each
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
-            mask = padding_causal_mask(attention_mask, t)  # (B, 1, T, cached + T)
+            k_len = cache.max_seq_len if static else None
+            mask = padding_causal_mask(attention_mask, t, k_len)  # (B, 1, T, cached + T), or (B, 1, T, S)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, attn_fn, mask)
         if last_only:

@@ -1,0 +1,158 @@
+"""The static-shape cache and decode step (what CUDA graphs need): same fp32 tokens as the dynamic cache,
+the same tensor shapes at every decode step, and the unwritten slots masked. Bugs guarded: a static
+cache that returns a growing view, a mask that lets attention read empty or stale slots, a graph
+captured before (or over) a cache that is then reallocated, positions taken from the slot instead of the row."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_batching import left_pad, padded_prompts, small_model
+
+from kvcourse import CacheOverflowError, KVCache, Llama, StaticKVCache, load_model
+from kvcourse.fast import FastGenerator
+from kvcourse.generate import generate
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    hf, tok = load_model(device="cpu")
+    return hf, tok, Llama.from_hf(hf)
+
+
+def test_static_cache_returns_a_growing_view():
+    cache = StaticKVCache(2, 1, 2, 4, max_seq_len=6)
+    for n in (3, 1, 1):
+        k, v = cache.update(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4), 0)
+        assert k.shape == v.shape == (1, 2, 6, 4), "update must return the whole (B, KV, S_max, D) buffer"
+        assert k is cache.keys[0] and v is cache.values[0]
+    assert cache.get_seq_length(0) == 5
+    with pytest.raises(CacheOverflowError, match="max_seq_len=6"):
+        cache.update(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), 0)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["one-prompt", "left-padded"])
+def test_static_cache_tokens_diverge_from_dynamic(bundled, padded):
+    _, tok, ours = bundled
+    if padded:
+        ids, mask = padded_prompts(tok)
+    else:
+        ids, mask = tok("ROMEO:", return_tensors="pt").input_ids, None
+    n = 120
+    expected = generate(ours, ids, n, attention_mask=mask)
+    static = StaticKVCache.for_model(ours, ids.shape[0], ids.shape[1] + n + 7)  # room to spare: masked
+    assert torch.equal(generate(ours, ids, n, cache=static, attention_mask=mask), expected)
+    fast = FastGenerator(ours, static=True)
+    assert torch.equal(fast.generate(ids, n, attention_mask=mask), expected)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4], ids=["MQA", "GQA", "MHA"])
+def test_static_decode_diverges_from_transformers(kv_heads):
+    hf = small_model(kv_heads, seed=kv_heads)
+    g = torch.Generator().manual_seed(kv_heads)
+    ids, mask = left_pad([torch.randint(1, 97, (n,), generator=g) for n in (7, 2, 5)], 0)
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=100, min_new_tokens=100, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    ours = Llama.from_hf(hf)
+    assert torch.equal(generate(ours, ids, 100, cache=StaticKVCache.for_model(ours, 3, 107), attention_mask=mask),
+                       expected)
+    assert torch.equal(FastGenerator(hf, static=True).generate(ids, 100, attention_mask=mask), expected)
+
+
+def test_unwritten_slots_leak_into_attention(bundled):
+    """Garbage (or an earlier prompt) in the slots not yet written must not change a single token."""
+    _, tok, ours = bundled
+    ids = tok("JULIET:", return_tensors="pt").input_ids
+    expected = generate(ours, ids, 40)
+    static = StaticKVCache.for_model(ours, 1, ids.shape[1] + 60)
+    for buf in static.keys + static.values:
+        buf.normal_(0, 1e3)
+    assert torch.equal(generate(ours, ids, 40, cache=static), expected)
+    generate(ours, tok("The red cat was sitting", return_tensors="pt").input_ids, 50, cache=static)  # stale slots
+    assert torch.equal(generate(ours, ids, 40, cache=static), expected)
+
+    fast = FastGenerator(ours, static=True)
+    fast.generate(tok("The red cat was sitting", return_tensors="pt").input_ids, 50)
+    assert torch.equal(fast.generate(ids, 40), expected)
+
+
+def test_uninitialised_cache_memory_poisons_static_attention(bundled, monkeypatch):
+    """A masked slot gets weight exactly 0, but 0 * NaN is NaN: the buffers must not start as garbage."""
+    _, tok, ours = bundled
+    ids = tok("ROMEO:", return_tensors="pt").input_ids
+    expected = generate(ours, ids, 20)
+    real_empty = torch.empty
+
+    def garbage(*args, **kw):  # what a reused block of memory may hold
+        t = real_empty(*args, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(12345)
+
+    monkeypatch.setattr(torch, "empty", garbage)
+    fast = FastGenerator(ours, static=True)
+    assert torch.equal(fast.generate(ids, 20), expected)
+
+
+def test_static_decode_shapes_change_between_steps(bundled, monkeypatch):
+    _, tok, ours = bundled
+    ids = tok("ROMEO:", return_tensors="pt").input_ids
+    key_shapes = {"static": [], "dynamic": []}
+    real_sdpa = F.scaled_dot_product_attention
+    which = ["dynamic"]
+
+    def spy(q, k, v, **kw):
+        if q.shape[-2] == 1:  # decode steps only
+            key_shapes[which[0]].append((tuple(k.shape), None if kw.get("attn_mask") is None
+                                         else tuple(kw["attn_mask"].shape)))
+        return real_sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    for mode in ("dynamic", "static"):
+        which[0] = mode
+        FastGenerator(ours, static=mode == "static").generate(ids, 12)
+    assert len(set(key_shapes["static"])) == 1, f"static decode saw several shapes: {set(key_shapes['static'])}"
+    assert len(key_shapes["static"]) == 11 * ours.args.num_layers
+    assert len(set(key_shapes["dynamic"])) == 11, "the dynamic step should grow by one slot per step"
+
+
+def test_reused_static_generator_keeps_a_stale_state(bundled):
+    """Batch sizes, cache growth (which re-creates the fixed buffers) and prompts in turn."""
+    _, tok, ours = bundled
+    fast = FastGenerator(ours, static=True)
+    ids_a = tok("ROMEO:", return_tensors="pt").input_ids
+    ids_b, mask_b = padded_prompts(tok)
+    for ids, mask, n in ((ids_a, None, 20), (ids_b, mask_b, 30), (ids_a, None, 90), (ids_b, mask_b, 10)):
+        assert torch.equal(fast.generate(ids, n, attention_mask=mask), generate(ours, ids, n, attention_mask=mask))
+
+
+def test_cuda_graph_on_cpu_fails_instead_of_running_static(bundled):
+    _, tok, ours = bundled
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = FastGenerator(ours, cuda_graph=True)
+    assert any("CUDA graphs need a CUDA device" in str(w.message) for w in caught)
+    assert fast.static and not fast.cuda_graph
+    ids = tok("ROMEO:", return_tensors="pt").input_ids
+    assert torch.equal(fast.generate(ids, 30), generate(ours, ids, 30))
+    with pytest.raises(ValueError, match="pick one"):
+        FastGenerator(ours, compile=True, static=True)
+
+
+def test_kvcache_and_static_cache_keep_the_same_constructor():
+    kw = dict(dtype=torch.float32, device="cpu")
+    a, b = KVCache(2, 1, 2, 4, 8, **kw), StaticKVCache(2, 1, 2, 4, 8, **kw)
+    assert [t.shape for t in a.keys] == [t.shape for t in b.keys]
+    assert isinstance(b, KVCache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_a_different_token_stream(bundled):
+    hf, tok, _ = bundled
+    model = Llama.from_hf(hf.to("cuda"))
+    ids, mask = (t.to("cuda") for t in padded_prompts(tok))
+    eager = FastGenerator(model, static=True).generate(ids, 60, attention_mask=mask)
+    graphed = FastGenerator(model, cuda_graph=True)
+    assert graphed.cuda_graph
+    assert torch.equal(graphed.generate(ids, 60, attention_mask=mask), eager)
+    assert graphed.capture_seconds > 0 and graphed._static_states[ids.shape[0]].graph is not None
+    hf.to("cpu")
