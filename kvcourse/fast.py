@@ -7,7 +7,7 @@ the same order as ``transformers``' ``LlamaForCausalLM`` (so float32 tokens are 
 1. **Preallocated cache.** One buffer for keys and one for values, ``(layers, B, KV, S_max, D)``,
    allocated once and written in place at the current position, as in gpt-fast's ``KVCache`` and
    ``transformers``' ``StaticCache``. Unlike those two, which attend over the whole buffer and mask
-   the unfilled positions, attention here reads only the filled part, ``[:pos + 1]`` (see 7).
+   the unfilled positions, attention here reads only the filled part, ``[:pos + 1]`` (``static=True``: see 8).
 2. **Fused weights.** q, k and v projections stacked into one ``wqkv`` matrix, gate and up into one
    ``w_gate_up``: one matrix-vector product instead of three (or two) per layer, as gpt-fast's
    ``wqkv``/``w13`` and vLLM's ``QKVParallelLinear``/``MergedColumnParallelLinear``. The rows are the
@@ -24,9 +24,15 @@ the same order as ``transformers``' ``LlamaForCausalLM`` (so float32 tokens are 
 7. Optionally ``torch.compile`` of the decode step (``compile=True``, dynamic shapes: one graph for
    every position). Compilation happens in ``warmup()``, so it stays out of per-token timings.
    Whether it pays depends on the machine, and compiling takes seconds to minutes: measure before
-   relying on it (``python -m kvcourse.bench --compile`` reports compile time apart). CUDA graphs would need
-   static shapes, i.e. attending over the whole buffer with a mask as gpt-fast does; that changes the
-   arithmetic relative to ``transformers``' dynamic cache, so it is not done here.
+   relying on it (``python -m kvcourse.bench --compile`` reports compile time apart).
+8. ``static=True``: a decode step whose shapes never change (``_decode_static``). It attends over the
+   whole buffer ``(B, KV, S_max, D)`` and masks the slots not yet written, as gpt-fast's ``model.py``
+   and ``transformers``' ``StaticLayer`` do, and reads the slot to write and each row's position from
+   tensors. ``cuda_graph=True`` captures that step once in a ``torch.cuda.CUDAGraph`` (in ``warmup()``
+   or the first call; ``capture_seconds``) and replays it each step: one launch instead of one per
+   kernel. On a CPU it warns and runs the static step eagerly. The tokens equal the dynamic step's in
+   float32 on CPU (tests/test_static.py); the masked slots add exact zeros, but reading the whole
+   capacity costs bandwidth, so size ``max_seq_len`` to what the call needs.
 
 Decoding one token reads every weight once and the whole KV cache once, and does about two flops
 per weight: it is limited by memory bandwidth, not arithmetic. ``kvcourse.bench`` reports how close
