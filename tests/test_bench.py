@@ -16,6 +16,7 @@ import torch
 
 from kvcourse import KVCache, bench, cli
 from kvcourse.generate import generate
+from kvcourse.llama import Llama
 
 # A configuration well under the --quick one: two tiny models, a few tokens, two rounds (so spreads exist).
 TINY = ["--models", "bundled", "SmolLM2-135M:1", "--new-tokens", "4", "--long-new-tokens", "3",
@@ -30,7 +31,7 @@ NOT_FINITE = re.compile(r"\b(inf|nan)\b", re.IGNORECASE)
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert bench.main(["--quick", *TINY, "--out", str(out)]) == 0
+    assert bench.main(["--quick", *TINY, "--batch-sweep", "--batch-max", "4", "--out", str(out)]) == 0
     return out
 
 
@@ -82,6 +83,7 @@ def test_bench_json_misses_a_method_or_figure(tiny_run):
     assert [(c["model"], c["prompt"]) for c in cases] == [
         ("bundled", "short"), ("bundled", "long"), ("SmolLM2-135M (1 layers)", "short"),
         ("SmolLM2-135M (1 layers)", "long")]
+    on_cuda = env["device"].startswith("cuda")
     for case in cases:
         assert set(case["methods"]) == set(bench.METHODS)
         assert case["floor"]["bytes_per_token"] > case["floor"]["weight_bytes_per_token"] > 0
@@ -90,14 +92,54 @@ def test_bench_json_misses_a_method_or_figure(tiny_run):
             for key in ["spread_pct", "ttft_spread_pct", "warmup_s", "rounds", "missing", "unreliable",
                         "unreliable_reasons", "step_ms"]:
                 assert key in m, (name, key)
+            if m.get("unavailable"):  # only CUDA graphs without CUDA: n/a, never a static-eager time as a graph's
+                assert (name, on_cuda, m["unavailable"]) == ("course_graph", False, "CUDA graphs need a CUDA device")
+                assert m["rounds"] == [] and m["step_ms"] is None and not m["unreliable"]
+                continue
             assert len(m["rounds"]) == 2
             assert set(m["rounds"][0]) == {"ttft_s", "decode_s_per_token", "total_s"}
+        assert on_cuda or case["methods"]["course_graph"].get("unavailable")
+        assert not case["methods"]["course_static"].get("unavailable")  # static shapes run everywhere
     _assert_rows_are_sound(result)
     short = cases[0]["methods"]
-    assert all(len(m["step_ms"]) == 4 for m in short.values())  # the per-step plot's data
+    assert all(len(m["step_ms"]) == 4 for m in short.values() if not m.get("unavailable"))  # the per-step plot
     assert result["cache_update"]["lengths"] == [1, 32]
     assert len(result["cache_update"]["concat_ms"]) == len(result["cache_update"]["prealloc_ms"]) == 2
     assert {t["target"].split(",")[0] for t in result["targets"]} >= {"fast path vs generate(use_cache=True)"}
+
+
+def test_batch_sweep_lost_a_batch_or_counted_its_bytes_wrong(tiny_run):
+    """--batch-sweep on the real fast path (tiny models, real clock): the figures are checked for their
+    arithmetic and soundness only, never for a speed."""
+    result = json.loads((tiny_run / "bench.json").read_text())
+    assert result["settings"]["batch_sweep"] == "course_fast" and result["settings"]["batch_sizes"] == [1, 2, 4]
+    sweeps = result["batch_sweep"]
+    assert [s["model"] for s in sweeps] == ["bundled", "SmolLM2-135M (1 layers)"]
+    for s in sweeps:
+        case = next(c for c in result["cases"] if c["model"] == s["model"] and c["prompt"] == s["prompt"])
+        points = s["points"]
+        assert [p["batch"] for p in points] == [1, 2, 4]
+        assert s["new_tokens"] == case["new_tokens"] and s["mean_context"] == case["floor"]["mean_context"]
+        # weights once, plus one embedding row per row; every row's KV cache at the mean context
+        w1 = points[0]["weight_bytes"]
+        emb_row = points[1]["weight_bytes"] - w1
+        assert w1 == case["floor"]["weight_bytes_per_token"] and emb_row > 0
+        for p in points:
+            assert p["weight_bytes"] == w1 + (p["batch"] - 1) * emb_row
+            assert p["kv_bytes_per_token"] == case["floor"]["kv_bytes_per_token"]
+            assert p["bytes"] == pytest.approx(p["weight_bytes"] + p["batch"] * p["kv_bytes_per_token"] * s["mean_context"])
+            assert p["rows_equal_batch1"] == 1.0  # the same prompt in every row: the same greedy tokens (fp32, CPU)
+            assert len(p["rounds"]) == 2 and p["memory_bound"] in (True, False, None)
+            for key in ["decode_ms_per_token", "tokens_per_s", "bandwidth_floor_fraction"]:
+                assert p[key] is None or (math.isfinite(p[key]) and p[key] > 0), (key, p[key])
+                assert p[key] is not None or p["missing"][key], (key, p)
+            assert (p["floor_ms"] is None) == (s["copy_GBps"] is None)
+            if p["tokens_per_s"] is not None:
+                assert p["tokens_per_s"] == pytest.approx(p["batch"] * 1e3 / p["decode_ms_per_token"])
+        assert [p["bytes"] for p in s["points"]] == sorted(p["bytes"] for p in s["points"])
+    text = (tiny_run / "bench.md").read_text()
+    assert "## Batch sweep" in text and "| batch | step (ms) | tokens/s | bytes per step |" in text
+    assert (tiny_run / "batch_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_markdown_drops_a_method_or_table(tiny_run):
@@ -113,7 +155,7 @@ def test_bench_markdown_drops_a_method_or_table(tiny_run):
 
 
 class FakeClock:
-    """``bench.now`` for tests: time moves only when a stand-in generator says so."""
+    """``bench.measure.now`` for tests: time moves only when a stand-in generator says so."""
 
     def __init__(self):
         self.t = 1000.0
@@ -151,7 +193,7 @@ def _stalling_runner(clock: FakeClock):
 
 def test_decode_by_subtraction_went_negative_under_load(tmp_path, monkeypatch, capsys):
     clock = FakeClock()
-    monkeypatch.setattr(bench, "now", clock)
+    monkeypatch.setattr(bench.measure, "now", clock)
     n = 4
     # precondition: the old design, (t(N) - t(1)) / (N - 1) from two whole calls, is negative on this clock
     ids = torch.tensor([[1, 2, 3]])
@@ -160,7 +202,7 @@ def test_decode_by_subtraction_went_negative_under_load(tmp_path, monkeypatch, c
     tn = bench.timed(lambda: old.run(n), torch.device("cpu"))  # not stalled
     assert (tn - t1) / (n - 1) < 0, "precondition: the subtraction must go negative here"
 
-    monkeypatch.setattr(bench, "RUNNERS", {m: _stalling_runner(clock) for m in bench.METHODS})
+    monkeypatch.setattr(bench.methods, "RUNNERS", {m: _stalling_runner(clock) for m in bench.METHODS})
     argv = ["--device", "cpu", "--models", "bundled", "--prompts", "short", "--new-tokens", str(n), "--repeats", "3",
             "--bandwidth-mib", "1", "--cache-lengths", "1", "--no-progress", "--out", str(tmp_path)]
     result = bench.run(bench.make_plan(bench.parse_args(argv)), tmp_path, progress=False)
@@ -188,14 +230,14 @@ def test_decode_by_subtraction_went_negative_under_load(tmp_path, monkeypatch, c
 
 def test_a_method_without_a_per_token_clock_crashed_the_figures(tmp_path, monkeypatch, capsys):
     clock = FakeClock()
-    monkeypatch.setattr(bench, "now", clock)
+    monkeypatch.setattr(bench.measure, "now", clock)
     ticking = _stalling_runner(clock)
 
     def no_clock(ctx):  # generates, but never calls tick()
         inner = ticking(ctx)
         return bench.Runner("", lambda n, tick=None: inner.run(n))
 
-    monkeypatch.setattr(bench, "RUNNERS", {m: ticking for m in bench.METHODS} | {"course_fast": no_clock})
+    monkeypatch.setattr(bench.methods, "RUNNERS", {m: ticking for m in bench.METHODS} | {"course_fast": no_clock})
     argv = ["--device", "cpu", "--models", "bundled", "--prompts", "short", "--new-tokens", "4", "--repeats", "2",
             "--bandwidth-mib", "1", "--cache-lengths", "1", "--no-progress", "--out", str(tmp_path)]
     result = bench.run(bench.make_plan(bench.parse_args(argv)), tmp_path, progress=False)
@@ -229,8 +271,8 @@ def test_clock_readings_that_are_not_positive_and_finite_are_printed_as_numbers(
         assert all(v is None or (math.isfinite(v) and v > 0) for k, v in row.items() if k in FIGURES), (what, row)
         assert what == "clock did not advance" or call.step_ms() is None, what  # no bad step in the plot either
     for bad in (None, -1.0, float("inf"), float("nan"), -0.0001):
-        assert bench._fmt(bad, ".2f", "x") == "n/a"
-        assert bench._fmt_s(bad) == "n/a"
+        assert bench.report._fmt(bad, ".2f", "x") == "n/a"
+        assert bench.report._fmt_s(bad) == "n/a"
 
 
 def test_one_round_in_many_was_missing_and_the_row_still_looked_reliable():
@@ -284,7 +326,7 @@ def test_targets_crashed_on_a_missing_decode_figure(tiny_run):
     ref_missing["methods"][bench.REFERENCE].update(bench.method_figures([stuck, stuck], 4, None, "none", None))
     bench.compare_to_reference(ref_missing["methods"], bench.REFERENCE)
     assert all(f"of {bench.REFERENCE} missing" in m["missing"]["speed_vs_hf_cache_decode"]
-               for m in ref_missing["methods"].values())
+               for m in ref_missing["methods"].values() if not m.get("unavailable"))  # (n/a here: says its own)
     ref_missing["model"] = "SmolLM2-135M"  # so that the bandwidth-floor target is built too
 
     cases = [case, old, ref_missing]
@@ -319,7 +361,7 @@ def _off_by_one_runner(ctx):
 def test_bench_times_a_generator_with_wrong_tokens(tmp_path, monkeypatch, capsys, check):
     model = bench.random_llama("SmolLM2-135M", 1, seed=0)
     ids = bench.prompt_ids(bench.bundled_tokenizer(), "short", 0)
-    broken = _off_by_one_runner({"llama": bench.Llama.from_hf(model), "ids": ids}).run(8)
+    broken = _off_by_one_runner({"llama": Llama.from_hf(model), "ids": ids}).run(8)
     assert not torch.equal(broken, bench.hf_generate(model, ids, 8)), "precondition: the bug must change tokens"
 
     monkeypatch.setitem(bench.RUNNERS, "course_fast", _off_by_one_runner)

@@ -1,0 +1,7 @@
+"""``python -m kvcourse.bench``: see ``kvcourse.bench.cli``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
