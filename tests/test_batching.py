@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvcourse import ConcatKVCache, KVCache, Llama, load_model
+from kvcourse.batching import pad_prompts
 from kvcourse.fast import FastGenerator
 from kvcourse.generate import generate
 from kvcourse.llama import padding_causal_mask, positions_from_mask, sdpa_attention
@@ -23,19 +24,8 @@ def bundled():
     return hf, tok, Llama.from_hf(hf)
 
 
-def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and 0/1 mask for 1-D rows of different lengths, padded on the left."""
-    t = max(len(r) for r in rows)
-    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
-    return ids, mask
-
-
 def padded_prompts(tok) -> tuple[torch.Tensor, torch.Tensor]:
-    return left_pad([tok(p, return_tensors="pt").input_ids[0] for p in PROMPTS], tok.pad_token_id)
+    return pad_prompts([tok(p, return_tensors="pt").input_ids[0] for p in PROMPTS], tok.pad_token_id)
 
 
 def hf_greedy(hf, ids, mask, n, **kw):
@@ -69,7 +59,7 @@ def small_model(kv_heads: int, seed: int) -> LlamaForCausalLM:
 def test_padded_random_shapes_diverge_from_transformers(kv_heads):
     hf = small_model(kv_heads, seed=kv_heads)
     g = torch.Generator().manual_seed(kv_heads)
-    ids, mask = left_pad([torch.randint(1, 97, (n,), generator=g) for n in (9, 3, 1, 6)], 0)
+    ids, mask = pad_prompts([torch.randint(1, 97, (n,), generator=g) for n in (9, 3, 1, 6)], 0)
     n = 100
     expected = hf_greedy(hf, ids, mask, n)
     ours = Llama.from_hf(hf)
@@ -137,7 +127,7 @@ def test_prompt_ending_in_eos_finishes_the_row(bundled):
     eos = tok("\n", add_special_tokens=False).input_ids[-1]
     rows = [tok("ROMEO:", return_tensors="pt").input_ids[0], tok("JULIET: O", return_tensors="pt").input_ids[0]]
     rows[0] = torch.cat([rows[0], torch.tensor([eos])])
-    ids, mask = left_pad(rows, 0)
+    ids, mask = pad_prompts(rows, 0)
     expected = hf_greedy(hf, ids, mask, 40, eos_token_id=eos)
     got = generate(ours, ids, 40, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(got, expected)

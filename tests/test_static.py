@@ -8,9 +8,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_batching import left_pad, padded_prompts, small_model
+from test_batching import padded_prompts, small_model
 
 from kvcourse import CacheOverflowError, KVCache, Llama, StaticKVCache, load_model
+from kvcourse.batching import pad_prompts
 from kvcourse.fast import FastGenerator
 from kvcourse.generate import generate
 
@@ -51,7 +52,7 @@ def test_static_cache_tokens_diverge_from_dynamic(bundled, padded):
 def test_static_decode_diverges_from_transformers(kv_heads):
     hf = small_model(kv_heads, seed=kv_heads)
     g = torch.Generator().manual_seed(kv_heads)
-    ids, mask = left_pad([torch.randint(1, 97, (n,), generator=g) for n in (7, 2, 5)], 0)
+    ids, mask = pad_prompts([torch.randint(1, 97, (n,), generator=g) for n in (7, 2, 5)], 0)
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=100, min_new_tokens=100, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
     ours = Llama.from_hf(hf)
