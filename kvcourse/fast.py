@@ -309,11 +309,7 @@ class FastGenerator:
             mask = torch.ones(b, t + max_new_tokens, dtype=torch.bool, device=self.device)  # (B, T + N)
             mask[:, :t] = attention_mask.bool()
             positions = positions_from_mask(mask)  # (B, T + N)
-            logits = self._forward(input_ids, 0, positions=positions[:, :t],
-                                   mask=padding_causal_mask(mask[:, :t], t))  # prefill: (B, V)
-        else:
-            logits = self._forward(input_ids, 0, causal=t > 1)  # prefill: (B, V) for the last prompt position
-        out[:, t] = logits.argmax(dim=-1)
+        out[:, t] = self._prefill(input_ids, attention_mask).argmax(dim=-1)
         if callback is not None:
             callback(out[:, t:t + 1])
         for i in range(t, t + max_new_tokens - 1):
@@ -326,6 +322,18 @@ class FastGenerator:
             if callback is not None:
                 callback(out[:, i + 1:i + 2])
         return out
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The prompt at slots 0..T-1, eager (its length changes from call to call): logits (B, V) of its last position.
+
+        A left-padded prompt gets each row's positions and the padding + causal mask from its attention_mask.
+        """
+        t = input_ids.shape[1]
+        if attention_mask is None:
+            return self._forward(input_ids, 0, causal=t > 1)
+        prompt_mask = attention_mask.bool()  # (B, T)
+        return self._forward(input_ids, 0, positions=positions_from_mask(prompt_mask),
+                             mask=padding_causal_mask(prompt_mask, t))
 
     def _generate_static(self, input_ids: torch.Tensor, max_new_tokens: int, callback, attention_mask) -> torch.Tensor:
         """generate() with the static-shape decode step (replayed as a CUDA graph when captured).
@@ -340,12 +348,7 @@ class FastGenerator:
         out[:, :t] = input_ids
         prompt_mask = (torch.ones(b, t, dtype=torch.bool, device=self.device) if attention_mask is None
                        else attention_mask.bool())  # (B, T)
-        if attention_mask is None:
-            logits = self._forward(input_ids, 0, causal=t > 1)  # prefill: (B, V)
-        else:
-            logits = self._forward(input_ids, 0, positions=positions_from_mask(prompt_mask),
-                                   mask=padding_causal_mask(prompt_mask, t))
-        out[:, t] = logits.argmax(dim=-1)
+        out[:, t] = self._prefill(input_ids, attention_mask).argmax(dim=-1)
         if callback is not None:
             callback(out[:, t:t + 1])
         st.slot_mask.zero_()
