@@ -145,10 +145,8 @@ class FastGenerator:
         self.compile_seconds = 0.0
         self.capture_seconds = 0.0  # CUDA graph capture, included in warmup()'s time
         self._decode = self._forward  # the decode step: eager, or its compiled version
+        self._step = self._decode_static  # the static-shape decode step: eager, or compiled
         self._warm = not compile  # a compiled step is compiled (and checked) by its first run: warmup()
-        if compile and (static or cuda_graph):
-            raise ValueError("compile=True compiles the dynamic-shape decode step; static=True / cuda_graph=True use "
-                             "the static-shape one (captured in a CUDA graph on a GPU): pick one")
         self.static = static or cuda_graph
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         if cuda_graph and not self.cuda_graph:
@@ -193,8 +191,13 @@ class FastGenerator:
             warnings.warn("torch.compile needs a C++ compiler (g++ or clang++) and none was found: running eagerly",
                           RuntimeWarning, stacklevel=3)
             return
-        # dynamic: one graph for every position (the cache slice grows by one each step) and batch size
-        self._decode = torch.compile(self._forward, dynamic=True, fullgraph=True)
+        if self.static:
+            # static shapes: one graph per batch size, whose elementwise work (norms, RoPE, SiLU) inductor
+            # fuses into a few kernels; with cuda_graph=True the compiled step is then captured like the eager one
+            self._step = torch.compile(self._decode_static, dynamic=False, fullgraph=True)
+        else:
+            # dynamic: one graph for every position (the cache slice grows by one each step) and batch size
+            self._decode = torch.compile(self._forward, dynamic=True, fullgraph=True)
         self.compiled = True
 
     # ---- the model ----------------------------------------------------------------------------------
@@ -361,7 +364,7 @@ class FastGenerator:
                 st.graph.replay()  # the whole step, one launch; reads token/slot/rope_pos/slot_mask
                 logits = st.logits
             else:
-                logits = self._decode_static(st.token, st.slot, st.rope_pos, st.slot_mask)
+                logits = self._step(st.token, st.slot, st.rope_pos, st.slot_mask)
             out[:, i + 1] = logits.argmax(dim=-1)
             st.rope_pos.add_(1)
             if callback is not None:
@@ -385,12 +388,12 @@ class FastGenerator:
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._decode_static(st.token, st.slot, st.rope_pos, st.slot_mask)
+                for _ in range(2):  # (a compiled step compiles in the first)
+                    self._step(st.token, st.slot, st.rope_pos, st.slot_mask)
             torch.cuda.current_stream(dev).wait_stream(side)
             st.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(st.graph):
-                st.logits = self._decode_static(st.token, st.slot, st.rope_pos, st.slot_mask)  # (B, V), reused
+                st.logits = self._step(st.token, st.slot, st.rope_pos, st.slot_mask)  # (B, V), reused
             torch.cuda.synchronize(dev)
             self.capture_seconds += time.perf_counter() - t0
         self._static_states[b] = st
@@ -414,7 +417,8 @@ class FastGenerator:
                 raise
             warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running eagerly",
                           RuntimeWarning, stacklevel=2)
-            self._decode, self.compiled = self._forward, False
+            self._decode, self._step, self.compiled = self._forward, self._decode_static, False
+            self._static_states.clear()  # a graph captured over the failed step is dropped too
             self.generate(ids, 3)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -146,7 +146,7 @@ def test_gpu_quick_lost_a_method_or_its_size(monkeypatch):
     plan = bench.make_plan(bench.parse_args(["--gpu-quick"]))
     assert plan.preset == "gpu-quick" and not plan.quick
     assert plan.models == ["SmolLM2-1.7B"] and plan.prompts == ["short"] and plan.dtype == torch.bfloat16
-    assert plan.methods == ["course_fast", "course_graph", "hf_dynamic", "hf_static"] and plan.repeats == 3
+    assert plan.methods == ["course_fast", "course_graph", "course_graph_compiled", "hf_dynamic", "hf_static"] and plan.repeats == 3
     assert plan.big_new_tokens == 64 and not plan.compile and plan.batch_sweep is None
     # an option given explicitly wins over the preset
     plan = bench.make_plan(bench.parse_args(["--gpu-quick", "--repeats", "2", "--big-new-tokens", "32"]))

@@ -30,8 +30,8 @@ from .harness import run
 from .methods import METHODS, TokenMismatchError
 from .plan import Plan, batch_sizes, parse_model_spec
 
-GPU_QUICK_METHODS = ["course_fast", "course_graph", "hf_dynamic", "hf_static"]
-SWEEP_METHODS = ["course_fast", "course_static", "course_graph"]
+GPU_QUICK_METHODS = ["course_fast", "course_graph", "course_graph_compiled", "hf_dynamic", "hf_static"]
+SWEEP_METHODS = ["course_fast", "course_static", "course_graph", "course_graph_compiled"]
 # preset -> defaults (models: None means "bundled + SmolLM2-135M, + SmolLM2-1.7B on a GPU or with --big")
 PRESETS: dict[str, dict] = {
     "full": {"models": None, "prompts": ["short", "long"], "methods": None, "new_tokens": 300, "long_new_tokens": 16,
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the fast path's decode step (compile time reported separately)")
     p.add_argument("--batch-sweep", nargs="?", const="course_fast", default=None, choices=SWEEP_METHODS,
                    metavar="METHOD",
-                   help="also time METHOD (default course_fast; or course_static, course_graph) at batch 1, 2, 4, "
+                   help="also time METHOD (default course_fast; or course_static, course_graph, course_graph_compiled) at batch 1, 2, 4, "
                         "... up to --batch-max, for each model: tokens/s, bytes per step against time per step "
                         "and the bandwidth line (OUT/batch_sweep.png): where decode stops being memory-bound")
     p.add_argument("--batch-max", type=int, default=None,
