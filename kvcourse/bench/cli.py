@@ -8,10 +8,10 @@ Three presets set the defaults; any option given explicitly overrides its preset
 - ``--quick``: the bundled model and a 4-layer SmolLM2-135M shape, 16 new tokens, 2 rounds: under a
   minute on a laptop CPU.
 - ``--gpu-quick``: the SmolLM2-1.7B shape (random weights), the short prompt, bfloat16 on CUDA, 64 new
-  tokens, 3 rounds, four methods: the course's fast path (eager), the fast path with static shapes and
-  a CUDA graph, ``transformers`` ``generate(use_cache=True)`` and its static cache. Designed to finish
-  in under 3 minutes on an H100 or H200, compilation included; not yet timed on one (it was written on
-  a machine without a GPU). Without CUDA it refuses to run, and says to use ``--quick``.
+  tokens, 3 rounds, five methods: the course's fast path (eager), the fast path with static shapes and
+  a CUDA graph (eager kernels, and compiled), ``transformers`` ``generate(use_cache=True)`` and its
+  static cache. On one H100 it took 102 s before the compiled row was added, and 177 s with it at 256 new
+  tokens (docs/bench/h100/). Without CUDA it refuses to run, and says to use ``--quick``.
 
 ``--batch-sweep [METHOD]`` adds the batch sweep (``kvcourse.bench.sweep``) for each model, batch 1, 2,
 4, ... up to ``--batch-max`` (64 on CUDA, 32 elsewhere).
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "transformers generate (use_cache=False/True, static cache), after checking they all produce "
                     "the same tokens. Each row is printed as soon as its timed calls are done; the tables follow.",
         epilog="Full mode took about 14 minutes on 2 CPU cores before the static-shape rows were added; --quick about a minute; --gpu-quick is designed "
-               "for under 3 minutes on an H100/H200 (not yet timed there). Results: OUT/bench.json, OUT/bench.md, "
+               "for about 3 minutes on an H100/H200 (177 s on one H100 at 256 new tokens). Results: OUT/bench.json, OUT/bench.md, "
                "OUT/time_per_token.png, OUT/cache_update.png (and OUT/batch_sweep.png with --batch-sweep).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -63,9 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bundled model + a 4-layer SmolLM2-135M shape, short prompts, few tokens, 2 rounds")
     preset.add_argument("--gpu-quick", action="store_true",
                         help="CUDA only: SmolLM2-1.7B shape (random weights), short prompt, bfloat16, 64 new tokens, "
-                             "3 rounds; the fast path eager and with static shapes + CUDA graph, transformers "
-                             "generate(use_cache=True) and its static cache. Designed to finish in under 3 minutes "
-                             "on an H100/H200, compilation included; not yet timed on one. Refuses without CUDA")
+                             "3 rounds; the fast path eager, with static shapes + CUDA graph, and compiled + graph, "
+                             "transformers generate(use_cache=True) and its static cache. About 3 minutes on an "
+                             "H100, compilation included. Refuses without CUDA")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
