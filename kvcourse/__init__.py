@@ -9,9 +9,10 @@ from .devices import pick_device, pick_dtype, synchronize
 from .llama import Llama
 from .models import BUNDLED_MODEL, ModelNotAvailableError, load_model
 from .shapes import SHAPES, get_shape, random_model
+from .window import SlidingWindowCache
 
 __all__ = [
     "BUNDLED_MODEL", "SHAPES", "CacheOverflowError", "ConcatKVCache", "KVCache", "Llama",
-    "ModelNotAvailableError", "StaticKVCache", "get_shape", "load_model", "pick_device", "pick_dtype", "random_model", "synchronize",
+    "ModelNotAvailableError", "SlidingWindowCache", "StaticKVCache", "get_shape", "load_model", "pick_device", "pick_dtype", "random_model", "synchronize",
 ]
 __version__ = "0.1.0"

@@ -113,6 +113,10 @@ class FastGenerator:
         if not isinstance(model, Llama):
             model = Llama.from_hf(model)  # raises a clear TypeError for non-Llama models
         a = model.args
+        if a.sliding_window is not None:
+            raise ValueError(f"FastGenerator attends to every cached token; this model has a sliding window of "
+                             f"{a.sliding_window} (Mistral), so its tokens would be wrong. Use kvcourse.generate.generate "
+                             f"with a kvcourse.SlidingWindowCache")
         self.args = a
         self.n_heads, self.n_kv, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         if a.num_heads % a.num_kv_heads:

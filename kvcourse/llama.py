@@ -3,7 +3,10 @@
 RMSNorm, rotary position embeddings (RoPE), grouped-query attention (GQA) and a SwiGLU MLP, in
 the style of nanoGPT: one file, shapes commented where they change. ``Llama.from_hf(model)``
 takes the weights of a ``transformers`` ``LlamaForCausalLM`` (the bundled model, SmolLM2,
-Llama 3) without copying them, and reproduces its logits in float32. What it cannot reproduce it
+Llama 3) without copying them, and reproduces its logits in float32. It also takes a
+``MistralForCausalLM``: Llama plus a sliding window, where a query sees only itself and the
+``sliding_window - 1`` tokens before it (``sliding_window_mask``; the ring-buffer cache that keeps
+just those is ``kvcourse.window.SlidingWindowCache``). What it cannot reproduce it
 refuses by name: an MLP activation other than SiLU, RoPE types whose frequencies change at run
 time (``dynamic``, ``longrope``) or that it does not implement; see ``SUPPORTED_ROPE_TYPES``.
 
@@ -49,6 +52,7 @@ class LlamaArgs:
     rope_theta: float = 10000.0
     bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: a query sees itself and the W - 1 tokens before it
 
     @classmethod
     def from_config(cls, config) -> LlamaArgs:
@@ -60,6 +64,8 @@ class LlamaArgs:
             num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
             rms_norm_eps=config.rms_norm_eps, rope_theta=rope.get("rope_theta", getattr(config, "rope_theta", 1e4)),
             bias=bool(getattr(config, "attention_bias", False)), mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            sliding_window=getattr(config, "sliding_window", None) if getattr(config, "model_type", None) == "mistral"
+            else None,
         )
 
 
@@ -154,6 +160,21 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | str = "cpu", q_of
     """
     offset = k_len - q_len if q_offset is None else q_offset
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+def sliding_window_mask(mask: torch.Tensor | None, q_len: int, k_len: int, start_pos: int, window: int,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """AND a sliding window into a boolean mask over key slots 0..k_len-1 for queries at slots start_pos + i.
+
+    A query sees a key when the key is not in its future and is one of the ``window`` latest slots up to
+    it: ``q - window < k <= q`` (``transformers``' ``sliding_window_overlay`` on a causal mask, as
+    Mistral uses it). ``mask``: the causal (and padding) mask built so far, (B or 1, 1, q_len, k_len), or
+    ``None`` for causal only. Returns (B or 1, 1, q_len, k_len).
+    """
+    q_pos = torch.arange(start_pos, start_pos + q_len, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(k_len, device=device)[None, :]  # (1, K)
+    inside = (k_pos > q_pos - window) & (k_pos <= q_pos)  # (Tq, K)
+    return inside[None, None] if mask is None else mask & inside
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -263,7 +284,7 @@ class Llama(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model) -> Llama:
-        """Wrap the weights of a ``transformers`` ``LlamaForCausalLM`` (shared, not copied).
+        """Wrap the weights of a ``transformers`` ``LlamaForCausalLM`` or ``MistralForCausalLM`` (shared, not copied).
 
         Refuses by name what this forward cannot reproduce: another architecture, an MLP activation
         other than SiLU, a RoPE type outside ``SUPPORTED_ROPE_TYPES``. The RoPE frequencies are
@@ -272,9 +293,10 @@ class Llama(nn.Module):
         """
         config = getattr(hf_model, "config", None)
         model_type = getattr(config, "model_type", None)
-        if model_type != "llama":
+        if model_type not in ("llama", "mistral"):
             raise TypeError(
-                f"Llama.from_hf expects a LlamaForCausalLM (config.model_type 'llama'), got "
+                f"Llama.from_hf expects a LlamaForCausalLM (config.model_type 'llama') or a MistralForCausalLM "
+                f"(Llama with a sliding window, 'mistral'), got "
                 f"{type(hf_model).__name__} with model_type {model_type!r}: the from-scratch forward only knows Llama"
             )
         if not hasattr(hf_model, "lm_head"):
@@ -356,6 +378,13 @@ class Llama(nn.Module):
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
             k_len = cache.max_seq_len if static else None
             mask = padding_causal_mask(attention_mask, t, k_len)  # (B, 1, T, cached + T), or (B, 1, T, S)
+        window = self.args.sliding_window
+        if window is not None:  # Mistral: keys older than the window are masked too
+            k_total = cache.max_seq_len if static else start_pos + t
+            mask = sliding_window_mask(mask, t, k_total, start_pos, window, input_ids.device)  # (B|1, 1, T, K)
+            if hasattr(cache, "window_slots"):  # a window cache returns only the slots it keeps
+                k_len, k_offset = cache.window_slots(t)
+                mask = mask[..., k_offset:k_offset + k_len]  # (B|1, 1, T, kept + T)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, attn_fn, mask)
         if last_only:
