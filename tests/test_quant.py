@@ -1,0 +1,93 @@
+"""The int8 KV cache: absmax round trip within half a grid step, the bytes it holds, the latest tokens exact,
+and generation close to full precision (measured as agreement and logit error, never as equality). Bugs
+guarded: a scale over the wrong axis, rounding that wraps past 127, a residual returned quantized or out of
+order, an overflow written silently."""
+
+import pytest
+import torch
+
+from kvcourse import CacheOverflowError, KVCache, Llama, load_model
+from kvcourse.quant import Int8KVCache, dequantize, quantize_absmax
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    hf, tok = load_model(device="cpu")
+    return tok, Llama.from_hf(hf)
+
+
+def test_round_trip_exceeds_half_a_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, 16, generator=g)
+    x[0, 0, 7, 3] = 40.0  # an outlier: it must blur its own token's values only
+    q, scale = quantize_absmax(x)
+    assert q.dtype == torch.int8 and scale.shape == (2, 3, 50, 1), "one scale per token and head (over head_dim)"
+    err = (dequantize(q, scale) - x).abs()
+    assert bool((err <= scale / 2 + 1e-6).all()), "absmax int8 is off by at most half a step, scale / 2"
+    others = torch.ones(50, dtype=torch.bool)
+    others[7] = False
+    assert err[0, 0, others].max() < 0.05, "the outlier's scale leaked into other tokens"
+
+
+def test_extremes_wrap_around_int8():
+    q, scale = quantize_absmax(torch.tensor([[1.0, -1.0, 0.5, 0.0]]))
+    assert q.tolist() == [[127, -127, 64, 0]] and torch.allclose(scale, torch.tensor([[1 / 127]]))
+    q, scale = quantize_absmax(torch.zeros(1, 4))
+    assert not torch.isnan(dequantize(q, scale)).any(), "an all-zero vector must not divide by zero"
+
+
+def test_int8_cache_holds_as_many_bytes_as_float32():
+    L, B, KV, D, S = 3, 2, 2, 32, 100
+    full = KVCache(L, B, KV, D, S).nbytes()
+    q0 = Int8KVCache(L, B, KV, D, S, residual=0).nbytes()
+    assert q0 == full * (D + 4) // (4 * D), "D int8 values and one float32 scale per token and head"
+    assert Int8KVCache(L, B, KV, D, S, residual=8).nbytes() == q0 + 2 * L * B * KV * 8 * D * 4
+
+
+def test_residual_tokens_come_back_quantized():
+    cache = Int8KVCache(1, 1, 2, 8, 40, residual=4)
+    g = torch.Generator().manual_seed(1)
+    seen = []
+    for n in (9, 1, 1, 3, 1):
+        k = torch.randn(1, 2, n, 8, generator=g)
+        seen.append(k)
+        keys, values = cache.update(k, k.clone(), 0)
+    everything = torch.cat(seen, dim=2)  # (1, 2, 15, 8), in time order
+    assert keys.shape == everything.shape
+    assert torch.equal(keys[:, :, -4:], everything[:, :, -4:]), "the latest `residual` tokens are returned exact"
+    assert not torch.equal(keys[:, :, :-4], everything[:, :, :-4]) and torch.allclose(keys, everything, atol=0.03)
+    with pytest.raises(CacheOverflowError, match="max_seq_len=40"):
+        cache.update(torch.randn(1, 2, 26, 8), torch.randn(1, 2, 26, 8), 0)
+
+
+@torch.inference_mode()
+def _teacher_forced(model, full, t, cache):
+    """Run the full-precision tokens through both caches; (share of steps with the same argmax, max logit error)."""
+    ref = KVCache.for_model(model, 1, full.shape[1])
+    steps = [full[:, :t]] + [full[:, i:i + 1] for i in range(t, full.shape[1] - 1)]  # prefill, then each step
+    same, err = [], 0.0
+    for ids in steps:
+        a, b = model(ids, ref)[:, -1], model(ids, cache)[:, -1]  # (1, V)
+        same.append(bool(a.argmax(-1) == b.argmax(-1)))
+        err = max(err, (a - b).abs().max().item())
+    return sum(same) / len(same), err
+
+
+@pytest.mark.parametrize("text", ["ROMEO:", "To be, or not to be, that is the question:"])
+def test_int8_generation_drifts_from_full_precision(bundled, text):
+    """100 steps of the full-precision greedy tokens: argmax agreement and logit error, with and without residual.
+
+    Measured on 2026-11-26 (4 prompts): 98-100 % of steps agree; the largest logit error is 0.15-0.28 with no
+    residual and 0.02-0.04 with 16 exact tokens. A single flipped near-tie changes everything after it in free
+    generation, so the test forces the reference tokens instead of comparing free runs.
+    """
+    from kvcourse.generate import generate
+
+    tok, model = bundled
+    ids = tok(text, return_tensors="pt").input_ids
+    t, n = ids.shape[1], 100
+    full = generate(model, ids, n)
+    agree0, err0 = _teacher_forced(model, full, t, Int8KVCache.for_model(model, 1, t + n, residual=0))
+    agree16, err16 = _teacher_forced(model, full, t, Int8KVCache.for_model(model, 1, t + n, residual=16))
+    assert agree0 >= 0.95 and agree16 >= 0.95, (agree0, agree16)
+    assert 0 < err0 < 0.5 and err16 < err0 / 2, (err0, err16)
