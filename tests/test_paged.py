@@ -1,0 +1,78 @@
+"""The paged KV cache: tokens and logits equal the dense cache's, block tables and reference counts right after
+a fork, an append and a free, copy on write that really copies. Bugs guarded: a block freed while shared, copy
+on write that copies the table but not the block, a table off by one at block boundaries, a pool that leaks."""
+
+import pytest
+import torch
+
+from kvcourse import CacheOverflowError, KVCache, Llama, load_model
+from kvcourse.generate import generate
+from kvcourse.paged import PagedKVCache
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    hf, tok = load_model(device="cpu")
+    return tok, Llama.from_hf(hf)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_paged_generation_diverges_from_dense(bundled, block_size):
+    tok, model = bundled
+    ids = tok("ROMEO:", return_tensors="pt").input_ids  # 5 tokens: blocks end inside and at the prompt
+    paged = PagedKVCache.for_model(model, num_blocks=64, block_size=block_size)
+    assert torch.equal(generate(model, ids, 40, cache=paged), generate(model, ids, 40))
+    assert paged.blocks_in_use() == -(-(ids.shape[1] + 39) // block_size), "one block per block_size tokens"
+
+
+@torch.inference_mode()
+def test_forked_sequences_see_each_others_tokens(bundled):
+    """Fork after a shared prompt, continue each with its own token: logits as two dense caches give them."""
+    tok, model = bundled
+    prompt = tok("To be, or not to be", return_tensors="pt").input_ids  # (1, T)
+    t, bs = prompt.shape[1], 4
+    paged = PagedKVCache.for_model(model, num_blocks=32, block_size=bs)
+    paged.set_batch(["a"])
+    model(prompt, paged)
+    shared = list(paged.tables["a"])
+    paged.fork("a", "b")
+    assert paged.tables["b"] == shared and all(paged.refcount[b] == 2 for b in shared)
+    dense = {s: KVCache.for_model(model, 1, t + 8) for s in "ab"}
+    for s in "ab":
+        model(prompt, dense[s])
+    for step, (ta, tb) in enumerate([(11, 57), (3, 3), (90, 12), (7, 8)]):
+        for s, tok_id in (("a", ta), ("b", tb)):
+            paged.set_batch([s])
+            got = model(torch.tensor([[tok_id]]), paged)
+            want = model(torch.tensor([[tok_id]]), dense[s])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"sequence {s}, step {step}")
+    last = shared[-1]
+    if t % bs:  # the prompt's last block was partly filled: each appender got its own copy
+        assert last not in paged.tables["a"] or last not in paged.tables["b"]
+    assert paged.tables["a"][: t // bs] == paged.tables["b"][: t // bs] == shared[: t // bs], "full blocks stay shared"
+
+
+def test_block_freed_while_still_shared():
+    paged = PagedKVCache(1, 1, 2, num_blocks=6, block_size=2)
+    paged.set_batch(["a"])
+    paged.update(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2), 0)  # 3 tokens: blocks [0, 1], the 2nd half full
+    assert paged.tables["a"] == [0, 1] and paged.refcount[:2] == [1, 1]
+    paged.fork("a", "b")
+    assert paged.refcount[:2] == [2, 2]
+    paged.set_batch(["b"])
+    paged.update(torch.full((1, 1, 1, 2), 5.0), torch.full((1, 1, 1, 2), 5.0), 0)  # into the shared, half-full block
+    assert paged.tables["b"] == [0, 2] and paged.refcount[:3] == [2, 1, 1], "copy on write: a new block for b"
+    assert paged.keys[0][2, 0, 0].tolist() == [1.0, 1.0] and paged.keys[0][2, 0, 1].tolist() == [5.0, 5.0]
+    assert paged.keys[0][1, 0, 1].tolist() == [0.0, 0.0], "a's block is untouched by b's append"
+    paged.free("a")
+    assert paged.refcount[:3] == [1, 0, 1] and 1 in paged.free_blocks and 0 not in paged.free_blocks
+    paged.free("b")
+    assert paged.blocks_in_use() == 0 and sorted(paged.free_blocks) == list(range(6))
+
+
+def test_pool_exhaustion_is_silent():
+    paged = PagedKVCache(1, 1, 2, num_blocks=2, block_size=2)
+    paged.set_batch([0])
+    paged.update(torch.ones(1, 1, 4, 2), torch.ones(1, 1, 4, 2), 0)
+    with pytest.raises(CacheOverflowError, match="all 2 blocks"):
+        paged.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 0)
