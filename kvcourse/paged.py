@@ -147,3 +147,70 @@ class PagedKVCache:
 
     def blocks_in_use(self) -> int:
         return self.num_blocks - len(self.free_blocks)
+
+
+
+def simulate_serving(budget_tokens: int, max_len: int, *, block_size: int = 16, requests: int = 2000,
+                     paged: bool, seed: int = 0) -> dict:
+    """A day of requests through a KV-cache budget of ``budget_tokens`` slots, one token per running sequence per step.
+
+    Lengths (stated distribution): prompt ~ lognormal(median 200, sigma 1), output ~ lognormal(median 150,
+    sigma 1), rounded, at least 1 each, together at most ``max_len``. Requests wait in a queue and are
+    admitted first come, first served.
+
+    - ``paged=False``: each admitted request reserves ``max_len`` slots up front (a dense cache per request).
+    - ``paged=True``: a request holds ceil(length / block_size) blocks and takes one more when its last one is
+      full. It is admitted while its prompt's blocks, plus one spare block per running sequence, fit. A sequence
+      that needs a block when none is free is preempted: its blocks are freed and it goes back to the front of
+      the queue, its prompt now everything it has so far (recomputed, as vLLM's recompute preemption does).
+
+    Returns the share of reserved slots that held real tokens (averaged over steps), the mean number of
+    sequences running at once, the steps taken and the preemptions.
+    """
+    g = torch.Generator().manual_seed(seed)
+    median = torch.log(torch.tensor(200.0)), torch.log(torch.tensor(150.0))
+    prompt = torch.exp(torch.randn(requests, generator=g) + median[0]).round().clamp(1, max_len - 1)
+    output = torch.minimum(torch.exp(torch.randn(requests, generator=g) + median[1]).round().clamp(min=1),
+                           max_len - prompt)
+    pairs = zip(prompt.tolist(), output.tolist(), strict=True)
+    queue = [(int(p), int(o)) for p, o in pairs]  # (tokens to prefill, tokens to generate)
+    blocks_total = budget_tokens // block_size
+
+    def blocks(length: int) -> int:
+        return -(-length // block_size)
+
+    running: list[list[int]] = []  # [current length, final length]
+    held = 0  # blocks held (paged) or slots reserved (dense)
+    used_share, concurrency, steps, preempted = [], [], 0, 0
+    while queue or running:
+        while queue:  # admit in order while the next request fits
+            p, o = queue[0]
+            if paged and held + blocks(p) + len(running) + 1 > blocks_total:
+                break
+            if not paged and held + max_len > budget_tokens:
+                break
+            queue.pop(0)
+            running.append([p, p + o])
+            held += blocks(p) if paged else max_len
+        if not running:
+            raise ValueError(f"a request of {queue[0][0]} prompt tokens does not fit a budget of {budget_tokens} slots")
+        assert held <= (blocks_total if paged else budget_tokens), "the simulation overdrew its budget"
+        real = sum(r[0] for r in running)
+        used_share.append(real / (held * block_size if paged else held))
+        concurrency.append(len(running))
+        for r in list(running):  # one decode step: every sequence grows by one token
+            if paged and r[0] % block_size == 0:  # its last block is full: it needs a new one
+                if held >= blocks_total:  # none free: preempt it, to be recomputed later
+                    running.remove(r)
+                    held -= blocks(r[0])
+                    queue.insert(0, (r[0], r[1] - r[0]))
+                    preempted += 1
+                    continue
+                held += 1
+            r[0] += 1
+            if r[0] >= r[1]:
+                running.remove(r)
+                held -= blocks(r[0]) if paged else max_len
+        steps += 1
+    return {"used_share": sum(used_share) / len(used_share), "mean_running": sum(concurrency) / len(concurrency),
+            "steps": steps, "preempted": preempted}

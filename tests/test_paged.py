@@ -7,7 +7,7 @@ import torch
 
 from kvcourse import CacheOverflowError, KVCache, Llama, load_model
 from kvcourse.generate import generate
-from kvcourse.paged import PagedKVCache
+from kvcourse.paged import PagedKVCache, simulate_serving
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,14 @@ def test_pool_exhaustion_is_silent():
     paged.update(torch.ones(1, 1, 4, 2), torch.ones(1, 1, 4, 2), 0)
     with pytest.raises(CacheOverflowError, match="all 2 blocks"):
         paged.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 0)
+
+
+def test_preallocation_wastes_as_little_as_paging():
+    """A day of 2,000 requests through 65,536 slots, max_len 2,048 (seeded; measured on 2026-11-26: 30.2 % of the
+    reserved slots held real tokens with a dense cache per request, 98.9 % paged, with 30.1 against 83.8
+    sequences running at once). Kwon et al. 2023 found 20.4-38.2 % in the systems before vLLM."""
+    dense = simulate_serving(65536, 2048, paged=False)
+    paged = simulate_serving(65536, 2048, paged=True)
+    assert 0.2 < dense["used_share"] < 0.45 and paged["used_share"] > 0.9
+    assert paged["mean_running"] > 2 * dense["mean_running"] and paged["steps"] < dense["steps"]
+    assert simulate_serving(65536, 2048, paged=True) == paged, "seeded: the same day twice"
