@@ -73,7 +73,7 @@ def _teacher_forced(model, full, t, cache):
     return sum(same) / len(same), err
 
 
-@pytest.mark.parametrize("text", ["ROMEO:", "To be, or not to be, that is the question:"])
+@pytest.mark.parametrize("text", ["ROMEO:"])
 def test_int8_generation_drifts_from_full_precision(bundled, text):
     """100 steps of the full-precision greedy tokens: argmax agreement and logit error, with and without residual.
 
