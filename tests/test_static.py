@@ -145,27 +145,16 @@ def test_kvcache_and_static_cache_keep_the_same_constructor():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_replays_a_different_token_stream(bundled):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])
+def test_cuda_graph_replays_a_different_token_stream(bundled, compile):
+    """The static step captured in a CUDA graph (compiled first with compile=True): tokens as the eager step's."""
     hf, tok, _ = bundled
     model = Llama.from_hf(hf.to("cuda"))
     ids, mask = (t.to("cuda") for t in padded_prompts(tok))
     eager = FastGenerator(model, static=True).generate(ids, 60, attention_mask=mask)
-    graphed = FastGenerator(model, cuda_graph=True)
-    assert graphed.cuda_graph
-    assert torch.equal(graphed.generate(ids, 60, attention_mask=mask), eager)
-    assert graphed.capture_seconds > 0 and graphed._static_states[ids.shape[0]].graph is not None
-    hf.to("cpu")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiling on a CPU takes minutes)")
-def test_compiled_graph_step_replays_different_tokens(bundled):
-    """compile=True with cuda_graph=True: the static step compiled, then captured; tokens as the eager step's."""
-    hf, tok, _ = bundled
-    model = Llama.from_hf(hf.to("cuda"))
-    ids, mask = (t.to("cuda") for t in padded_prompts(tok))
-    eager = FastGenerator(model, static=True).generate(ids, 60, attention_mask=mask)
-    gen = FastGenerator(model, cuda_graph=True, compile=True)
-    out = gen.generate(ids, 60, attention_mask=mask)
-    assert gen.compiled and gen.cuda_graph, "compilation fell back to eager: see the warning"
+    graphed = FastGenerator(model, cuda_graph=True, compile=compile)
+    out = graphed.generate(ids, 60, attention_mask=mask)
+    assert graphed.cuda_graph and graphed.compiled == compile, "compilation fell back to eager: see the warning"
     assert torch.equal(out, eager)
+    assert graphed.capture_seconds > 0 and graphed._static_states[ids.shape[0]].graph is not None
     hf.to("cpu")
