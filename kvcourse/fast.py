@@ -24,8 +24,8 @@ the same order as ``transformers``' ``LlamaForCausalLM`` (so float32 tokens are 
 7. Optionally ``torch.compile`` of the decode step (``compile=True``: dynamic shapes, one graph for
    every position; with ``static=True`` or ``cuda_graph=True`` the static-shape step is compiled, its
    norms, RoPE and SiLU fused into fewer kernels, and then captured). Compilation happens in
-   ``warmup()``, so it stays out of per-token timings. Whether it pays depends on the machine, and compiling takes seconds to minutes: measure before
-   relying on it (``python -m kvcourse.bench --compile`` reports compile time apart).
+   ``warmup()``, so it stays out of per-token timings. Whether it pays depends on the machine, and
+   compiling takes seconds to minutes: measure before relying on it (``python -m kvcourse.bench --compile`` reports compile time apart).
 8. ``static=True``: a decode step whose shapes never change (``_decode_static``). It attends over the
    whole buffer ``(B, KV, S_max, D)`` and masks the slots not yet written, as gpt-fast's ``model.py``
    and ``transformers``' ``StaticLayer`` do, and reads the slot to write and each row's position from

@@ -160,7 +160,7 @@ def _fast(kind: str = "eager") -> Callable[[dict], Runner]:
                 return Runner("", _unavailable, unavailable="CUDA graphs need a CUDA device")
             kwargs = {"cuda_graph": True, "compile": kind == "graph_compiled"}
         if kind == "eager" and ctx["compile"]:
-            kwargs["compile"] = True  # (the static-shape step is not compiled: FastGenerator takes one or the other)
+            kwargs["compile"] = True  # --compile compiles the eager row; course_graph_compiled is its own row
         new_tokens = ctx.get("new_tokens")
         if new_tokens and kind != "eager":
             kwargs["max_seq_len"] = ids.shape[1] + new_tokens  # the static cache: one size, for every call
