@@ -1,22 +1,33 @@
-"""The graders, proven honest through real ``nbgrader autograde`` runs.
+"""The graders, proven honest: every learner's mistake in the bank is caught, every correct answer keeps its marks.
 
-For every assignment one autograde run grades, side by side:
+Real ``nbgrader autograde`` grades, per assignment, side by side:
 - ``solution``: the instructor's solution notebook, submitted as a learner -> full marks;
 - ``release``: the unsolved notebook learners receive -> 0 on every graded test;
+- a sample of the bank below, one mutant and one correct variant (the first of each in the bank).
+
+The whole bank goes through ``tests/forkgrade.py``, which runs the solution once and forks a copy of its
+kernel state before the patched cell (a fresh kernel per submission spent ~80 % of its time re-importing
+and re-running the cells before the answer):
 - ``m-<id>``: the solution with one learner's real mistake patched in (``[[mutant]]`` in
-  ``tests/mutants.toml``) -> it loses the points of the test meant to catch it, and that test's
-  message names the mistake;
+  ``tests/mutants.toml``) -> the test meant to catch it fails, and its message names the mistake;
 - ``v-<id>``: the solution with one answer rewritten in a different but correct way (``[[correct]]``
-  in the same file: einsum for matmul, a while loop, another container) -> full marks.
+  in the same file: einsum for matmul, a while loop, another container) -> every test cell passes.
+
+``test_fork_grader_disagrees_with_nbgrader`` keeps the shortcut honest: on the solution and on the sample,
+the fork runner's verdict and message on every cell it ran must be nbgrader's.
 
 Each mutant is its own submission: answer cells build on each other (a later exercise calls an
 earlier answer), so two mistakes in one notebook could take credit for each other's failures.
-Submissions are split over ``KVCOURSE_GRADE_JOBS`` (default 2) course folders graded at once.
+Real-nbgrader submissions are split over ``KVCOURSE_GRADE_JOBS`` (default 2) course folders graded at
+once; the fork runner keeps as many children running.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 from graders import (
@@ -26,6 +37,7 @@ from graders import (
     autograde_many,
     failure_text,
     graded_cells,
+    grading_env,
     load_mutants,
     load_variants,
     make_course,
@@ -36,6 +48,7 @@ from graders import (
     scores,
     submit,
 )
+from nbformat import NotebookNode
 
 MUTANTS = load_mutants()
 VARIANTS = load_variants()
@@ -44,10 +57,25 @@ RESULTS: list[tuple[str, str, str, float, float, str]] = []  # printed at the en
 
 
 _GRADED: dict[str, tuple] = {}
+_FORKED: dict[str, dict] = {}
+
+
+def sample(assignment: str) -> list[str]:
+    """The bank entries also graded by real nbgrader: the assignment's first mutant and first variant."""
+    first_mutant = next((f"m-{m.id}" for m in MUTANTS if m.assignment == assignment), None)
+    first_variant = next((f"v-{v.id}" for v in VARIANTS if v.assignment == assignment), None)
+    return [s for s in (first_mutant, first_variant) if s]
+
+
+ENTRIES = {f"m-{m.id}": m for m in MUTANTS} | {f"v-{v.id}": v for v in VARIANTS}  # by student name
+
+
+def patched(student: str, assignment: str) -> NotebookNode:
+    return ENTRIES[student].apply(read_solution(assignment))
 
 
 def graded(assignment: str, tmp_path_factory):
-    """Autograde solution, release and mutants of one assignment, once per test session."""
+    """Autograde solution, release and the sample of one assignment with real nbgrader, once per session."""
     if assignment not in _GRADED:
         base = tmp_path_factory.mktemp(assignment)
         courses = [make_course(base / f"job{j}") for j in range(JOBS)]
@@ -55,8 +83,7 @@ def graded(assignment: str, tmp_path_factory):
             release = nbgrader(course, "generate_assignment", assignment, "--force")  # registers it in the gradebook
             assert release.returncode == 0, release.stdout + release.stderr
         submissions = [("solution", read_solution(assignment)), ("release", read_release(assignment))]
-        submissions += [(f"m-{m.id}", m.apply(read_solution(assignment))) for m in MUTANTS if m.assignment == assignment]
-        submissions += [(f"v-{v.id}", v.apply(read_solution(assignment))) for v in VARIANTS if v.assignment == assignment]
+        submissions += [(s, patched(s, assignment)) for s in sample(assignment)]
         course_of = {}
         for i, (student, nb) in enumerate(submissions):
             course_of[student] = courses[i % JOBS]
@@ -67,6 +94,47 @@ def graded(assignment: str, tmp_path_factory):
             result.update(scores(course, assignment))
         _GRADED[assignment] = (course_of, result, procs)
     return _GRADED[assignment]
+
+
+def forked(assignment: str, tmp_path_factory) -> dict:
+    """Every mutant and variant of one assignment through tests/forkgrade.py, once per session."""
+    if assignment not in _FORKED:
+        subs = []
+        for m in (m for m in MUTANTS if m.assignment == assignment):
+            subs.append({"student": f"m-{m.id}", "until": m.catches})
+        for v in (v for v in VARIANTS if v.assignment == assignment):
+            subs.append({"student": f"v-{v.id}", "until": []})  # to the end: every later test must pass too
+        for sub in subs:
+            entry = ENTRIES[sub["student"]]
+            nb = patched(sub["student"], assignment)
+            (cell,) = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == entry.cell]
+            sub["patches"] = {entry.cell: cell.source}
+        base = tmp_path_factory.mktemp(f"fork-{assignment}")
+        request, result = base / "request.json", base / "result.json"
+        request.write_text(json.dumps({"notebook": str(ROOT / "solutions" / assignment / notebook_name(assignment)),
+                                       "jobs": JOBS, "timeout": 1200, "submissions": subs}))
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "forkgrade.py"), str(request), str(result)],
+                              env=grading_env(), capture_output=True, text=True, timeout=3000, cwd=base)
+        assert proc.returncode == 0 and result.exists(), f"tests/forkgrade.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        _FORKED[assignment] = json.loads(result.read_text())
+    return _FORKED[assignment]
+
+
+def points_of(assignment: str) -> dict[str, float]:
+    return {c.metadata["nbgrader"]["grade_id"]: float(c.metadata["nbgrader"].get("points", 0))
+            for c in read_solution(assignment).cells if c.metadata.get("nbgrader", {}).get("grade")}
+
+
+def fork_verdict(results: dict, student: str) -> dict:
+    got = results.get(student)
+    assert got, f"tests/forkgrade.py returned nothing for {student}"
+    assert "__crash__" not in got, f"tests/forkgrade.py could not run {student}:\n{got['__crash__'][-3000:]}"
+    return got
+
+
+def fork_message(verdict: dict) -> str:
+    """The learner-visible text of a failed cell: what it wrote to stderr, then the error."""
+    return "\n".join(p for p in (verdict["stderr"], verdict["error"]) if p)
 
 
 @pytest.mark.parametrize("assignment", ASSIGNMENTS)
@@ -108,17 +176,15 @@ def test_unsolved_release_earns_points(assignment, tmp_path_factory):
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.id for m in MUTANTS])
 def test_mutant_escapes_its_test(mutant: Mutant, tmp_path_factory):
-    course_of, result, procs = graded(mutant.assignment, tmp_path_factory)
-    student = f"m-{mutant.id}"
-    course = course_of[student]
-    got = result.get(student)
-    assert got, f"submission {student} was not graded{_explain(procs)}"
+    got = fork_verdict(forked(mutant.assignment, tmp_path_factory), f"m-{mutant.id}")
     for grade_id in mutant.catches:
         assert grade_id in got, f"mutant {mutant.id} names test cell {grade_id!r}, which {mutant.assignment} lacks"
-        score, max_score = got[grade_id]
-        message = failure_text(course, student, mutant.assignment, grade_id)
-        RESULTS.append((mutant.id, mutant.why, grade_id, max_score - score, max_score, message.split("\n")[0][:90]))
-        assert score < max_score, f"mutant {mutant.id} ({mutant.why}) keeps its points on {grade_id}"
+        verdict = got[grade_id]
+        message = fork_message(verdict)
+        points = points_of(mutant.assignment)[grade_id]
+        RESULTS.append((mutant.id, mutant.why, grade_id, 0 if verdict["ok"] else points, points,
+                        message.split("\n")[0][:90]))
+        assert not verdict["ok"], f"mutant {mutant.id} ({mutant.why}) keeps its points on {grade_id}"
         assert mutant.message.lower() in message.lower(), (
             f"mutant {mutant.id} ({mutant.why}) fails {grade_id}, but the message does not name the mistake "
             f"(expected it to contain {mutant.message!r}):\n{message}"
@@ -127,13 +193,33 @@ def test_mutant_escapes_its_test(mutant: Mutant, tmp_path_factory):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.id for v in VARIANTS])
 def test_correct_answer_written_another_way_loses_points(variant, tmp_path_factory):
-    course_of, result, procs = graded(variant.assignment, tmp_path_factory)
-    student = f"v-{variant.id}"
-    got = result.get(student)
-    assert got, f"submission {student} was not graded{_explain(procs)}"
-    lost = {g: s for g, s in got.items() if s[0] != s[1]}
-    details = {g: failure_text(course_of[student], student, variant.assignment, g)[:500] for g in lost}
-    assert not lost, f"correct variant {variant.id} ({variant.why}) loses points on {lost}: {details}"
+    got = fork_verdict(forked(variant.assignment, tmp_path_factory), f"v-{variant.id}")
+    expected = set(graded_cells(read_solution(variant.assignment)))
+    assert set(got) == expected, f"variant {variant.id}: test cells run {sorted(got)}, expected {sorted(expected)}"
+    lost = {g: fork_message(v)[:500] for g, v in got.items() if not v["ok"]}
+    assert not lost, f"correct variant {variant.id} ({variant.why}) loses points on {lost}"
+
+
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_fork_grader_disagrees_with_nbgrader(assignment, tmp_path_factory):
+    """The fork runner's verdicts and messages equal real nbgrader's, on the solution and the sample."""
+    course_of, result, procs = graded(assignment, tmp_path_factory)
+    fork = forked(assignment, tmp_path_factory)
+    for student in ["solution", *sample(assignment)]:
+        real = result.get(student)
+        assert real, f"{student} of {assignment} was not graded by nbgrader{_explain(procs)}"
+        ours = fork_verdict(fork, student)
+        assert ours, f"the fork runner ran no test cell of {student}"
+        for grade_id, verdict in ours.items():
+            score, max_score = real[grade_id]
+            assert verdict["ok"] == (score == max_score), (
+                f"{student}, {grade_id}: nbgrader scored {score} of {max_score}, the fork runner says "
+                f"{'pass' if verdict['ok'] else 'fail'}: {fork_message(verdict)[:500]}")
+            if not verdict["ok"]:
+                text = "".join(failure_text(course_of[student], student, assignment, grade_id).split())
+                assert "".join(fork_message(verdict).split()) in text, (
+                    f"{student}, {grade_id}: the fork runner's message is not nbgrader's:\n"
+                    f"fork: {fork_message(verdict)[:800]}\nnbgrader: {text[:800]}")
 
 
 def test_bank_has_three_mistakes_per_exercise():
