@@ -42,7 +42,8 @@ class Int8KVCache:
     copy of the latest ``residual`` tokens."""
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
-                 *, residual: int = 16, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 *, residual: int = 16, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 quantize=None):
         if min(num_layers, batch_size, num_kv_heads, head_dim, max_seq_len) <= 0 or residual < 0:
             raise ValueError("num_layers, batch_size, num_kv_heads, head_dim and max_seq_len must be positive, "
                              "residual >= 0")
@@ -57,6 +58,7 @@ class Int8KVCache:
         self.rv = [torch.zeros(res_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = [0] * num_layers
         self.num_layers, self.max_seq_len, self.residual, self.dtype = num_layers, max_seq_len, residual, dtype
+        self.quantize = quantize or quantize_absmax  # x -> (int8 q, float scale (..., 1)): notebook 08 plugs its own in
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_seq_len: int, **kw) -> Int8KVCache:
@@ -77,7 +79,7 @@ class Int8KVCache:
             raise CacheOverflowError(f"int8 KV cache overflow in layer {layer_idx}: it holds {start} tokens, {t} more "
                                      f"would make {end}, past max_seq_len={self.max_seq_len}")
         for new, q, s, r in ((key, self.qk, self.sk, self.rk), (value, self.qv, self.sv, self.rv)):
-            q[layer_idx][:, :, start:end], s[layer_idx][:, :, start:end] = quantize_absmax(new)
+            q[layer_idx][:, :, start:end], s[layer_idx][:, :, start:end] = self.quantize(new)
             n = min(t, self.residual)  # the latest tokens, exact, at slot position % residual
             if n:
                 slots = torch.arange(end - n, end, device=key.device) % self.residual

@@ -110,3 +110,19 @@ def test_int8_per_token_drifts_more_than_transformers_fp8(bundled, text):
     _, err_fp8 = _teacher_forced(model, full, t, QuantizedCache("fp8", load_model(device="cpu")[0].config))
     agree, err_int8 = _teacher_forced(model, full, t, Int8KVCache.for_model(model, 1, t + n, residual=0))
     assert err_int8 < err_fp8 / 2 and agree >= 0.95, (err_int8, err_fp8, agree)
+
+
+def test_plugged_in_quantize_is_ignored():
+    """Notebook 08 grades the learner's quantize function through Int8KVCache(quantize=...): it must be the one used."""
+    calls = []
+
+    def mine(x):
+        calls.append(tuple(x.shape))
+        return quantize_absmax(x)
+
+    k = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+    ours = Int8KVCache(1, 1, 2, 8, 16, residual=0, quantize=mine)
+    ref = Int8KVCache(1, 1, 2, 8, 16, residual=0)
+    got, want = ours.update(k, k, 0), ref.update(k, k, 0)
+    assert calls == [(1, 2, 5, 8), (1, 2, 5, 8)], "keys and values must both go through the plugged-in function"
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
