@@ -63,10 +63,7 @@ def main(request_path: str, result_path: str) -> None:
 
     nb = nbformat.read(request["notebook"], as_version=4)
     work = tempfile.mkdtemp(prefix="forkgrade-")  # the notebook's folder, as nbgrader runs it in a copy
-    for f in os.listdir(os.path.dirname(os.path.abspath(request["notebook"]))):
-        src = os.path.join(os.path.dirname(os.path.abspath(request["notebook"])), f)
-        if os.path.isfile(src):
-            shutil.copy(src, work)
+    shutil.copytree(os.path.dirname(os.path.abspath(request["notebook"])), work, dirs_exist_ok=True)
     home = os.getcwd()
     os.chdir(work)
 
@@ -113,7 +110,7 @@ def main(request_path: str, result_path: str) -> None:
             time.sleep(0.05)
 
     def child(sub: dict, start: int) -> None:
-        verdicts = {g: v for g, v in results["solution"].items()}  # the cells before the patch are the solution's
+        verdicts = dict(results["solution"])  # the cells before the patch are the solution's
         try:
             for i in range(start, last[sub["student"]] + 1):
                 gid, cell = cells[i]
@@ -143,7 +140,6 @@ def main(request_path: str, result_path: str) -> None:
         verdict = run_cell(shell, cell.source)
         if gid in graded:
             results["solution"][gid] = verdict
-    reap(block=False)
     while alive:
         reap(block=False)
         time.sleep(0.05)
