@@ -28,7 +28,7 @@ INSTRUCTOR_CONFIG := $(CURDIR)/jupyter/instructor
 # Jupyter refuses to run as root (containers, CI) unless told to.
 SERVER_OPTS := --port=$(PORT) $(if $(HEADLESS),--ServerApp.open_browser=False) $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: venv lab lab-instructor test lint bench release collect grade sample-submissions need-assignment clean
+.PHONY: venv lab lab-instructor test test-classroom hub-deps lint bench release collect grade sample-submissions need-assignment clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,27 @@ lab-instructor: $(STAMP)
 # (nbgrader kernels, a neighbour's build) two spinning OpenMP threads per process made the suite 2-4x slower.
 test: lint
 	$(RUN) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest
+
+# The classroom check (deploy/README.md): a real JupyterHub on localhost, an instructor and three learners going
+# through nbgrader's exchange, a headless chromium; and `make grade JOBS=2` against the serial grader. Not in
+# `make test`: it needs npm and Debian's chromium + chromium-driver (.ci/run installs them), and ~10 minutes.
+HUB_STAMP := $(VENV)/.hub-installed
+CHP_VERSION ?= 5.3.0
+CHP_DIR := $(CURDIR)/.hub/chp
+CHP := $(CHP_DIR)/node_modules/.bin/configurable-http-proxy
+
+$(HUB_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -e ".[dev,hub]"
+	touch $@
+
+$(CHP):
+	@command -v npm >/dev/null || { echo "make test-classroom needs npm (Debian: apt-get install nodejs npm) for configurable-http-proxy" >&2; exit 1; }
+	npm install --prefix $(CHP_DIR) --no-audit --no-fund --loglevel=error configurable-http-proxy@$(CHP_VERSION)
+
+hub-deps: $(HUB_STAMP) $(CHP)
+
+test-classroom: hub-deps
+	$(RUN) KVCOURSE_CHP_DIR=$(dir $(CHP)) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -m classroom
 
 lint: $(STAMP)
 	$(RUN) $(BIN)/python -m ruff check .
@@ -83,9 +104,13 @@ collect: $(STAMP) need-assignment
 	$(RUN) $(BIN)/nbgrader zip_collect $(ASSIGNMENT) --force
 
 # Autograde every submission in submitted/*/$(ASSIGNMENT)/, write feedback HTML and grades.csv.
+# JOBS=N grades N submissions at a time, each worker with its own copy of the gradebook, merged at the end
+# (kvcourse/grading.py says why that is safe with nbgrader's SQLite gradebook). About 0.5 GB of memory per job.
+JOBS ?= 1
+AUTOGRADE := $(if $(filter-out 1,$(JOBS)),$(BIN)/python -m kvcourse.grading autograde $(ASSIGNMENT) --jobs $(JOBS),$(BIN)/nbgrader autograde $(ASSIGNMENT) --force)
 grade: $(STAMP) need-assignment
 	$(RUN) $(BIN)/nbgrader generate_assignment $(ASSIGNMENT) --force
-	@status=0; $(RUN) $(BIN)/nbgrader autograde $(ASSIGNMENT) --force || status=$$?; \
+	@status=0; $(RUN) $(AUTOGRADE) || status=$$?; \
 	$(RUN) $(BIN)/nbgrader generate_feedback $(ASSIGNMENT) --force \
 		&& $(RUN) $(BIN)/nbgrader export --assignment=$(ASSIGNMENT) --to grades.csv \
 		&& $(RUN) $(BIN)/python -m kvcourse.instructor summary grades.csv || exit $$?; \

@@ -261,8 +261,8 @@ c.Spawner.environment = {
     "PYTHONUNBUFFERED": "1",
 }
 # ...and instructor mode for the instructors group. Spawner.group_overrides is a JupyterHub setting,
-# not a spawner's, so it works with SystemdSpawner (TLJH) and KubeSpawner (Z2JH) too, on a hub recent
-# enough to have it (6.1.1 here; older hubs: `jupyterhub --help-all | grep group_overrides`). The
+# not a spawner's, so it works with SystemdSpawner (TLJH) and KubeSpawner (Z2JH) too, on JupyterHub 5.1
+# or newer (its changelog, 5.1.0: "Add Spawner.group_overrides", #4822; tested here on 6.1.1). The
 # environment dict is merged, so only JUPYTER_CONFIG_PATH changes.
 c.Spawner.group_overrides = {
     "10-instructor-mode": {
@@ -274,6 +274,10 @@ c.Spawner.group_overrides = {
         },
     },
 }
+# Jupyter servers refuse to run as root unless told to. Only for the localhost test in a root container
+# (deploy/prove_hub.py sets it when it runs as root): a real hub starts each server as its user.
+if os.environ.get("KVCOURSE_HUB_ALLOW_ROOT") == "1":
+    c.Spawner.args = ["--allow-root"]
 # A cold JupyterLab import on a busy machine can take a while.
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 180

@@ -18,12 +18,15 @@ does it:
 
 Prints PASS/FAIL per step with timings, exits 0 only if every step passed.
 
-Run it with the Python of the course environment that has jupyterhub installed, e.g.
+`make test-classroom` runs it (tests/test_classroom.py) after installing what it needs. By hand, with
+the Python of the course environment that has jupyterhub installed:
 
-    /tmp/hubvenv/bin/python deploy/prove_hub.py --chp /tmp/chp/node_modules/.bin
+    .venv/bin/python deploy/prove_hub.py --chp .hub/chp/node_modules/.bin --selenium
 
-Started as root, it re-runs itself as an unprivileged user (--run-as, default nobody) with setpriv,
-so the proof is "without root" even in a root container.
+It runs as the current user: nothing in it needs root. Started as root (a container, CI), it tells
+the hub to pass --allow-root to the servers; or give --run-as USER to re-run itself as USER with
+setpriv (then the course environment must be readable by USER: a venv made from a Python inside
+/root, e.g. pyenv's, is not).
 """
 
 import argparse
@@ -518,16 +521,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/tmp/hubwork", help="a fresh run directory is made in here")
     p.add_argument("--chp", default=None, help="folder holding the configurable-http-proxy executable")
-    p.add_argument("--run-as", default="nobody", help="when started as root, the user to run as")
-    p.add_argument("--allow-root", action="store_true", help="do not drop root (not recommended)")
+    p.add_argument("--run-as", default=None, help="when started as root, re-run as this user (e.g. nobody)")
     p.add_argument("--selenium", action="store_true", help="also check the Assignment List in chromium")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     p.add_argument("--chromedriver", default="/usr/bin/chromedriver")
     p.add_argument("--keep", action="store_true", help="keep the run directory (default: keep on failure only)")
     args = p.parse_args()
 
-    if os.geteuid() == 0 and not args.allow_root:
+    if os.geteuid() == 0 and args.run_as:
         drop_root_and_reexec(args)
+    if os.geteuid() == 0:
+        os.environ["KVCOURSE_HUB_ALLOW_ROOT"] = "1"  # read by jupyterhub_config.py
 
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     run = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
