@@ -105,7 +105,7 @@ collect: $(STAMP) need-assignment
 
 # Autograde every submission in submitted/*/$(ASSIGNMENT)/, write feedback HTML and grades.csv.
 # JOBS=N grades N submissions at a time, each worker with its own copy of the gradebook, merged at the end
-# (kvcourse/grading.py says why that is safe with nbgrader's SQLite gradebook). About 0.5 GB of memory per job.
+# (kvcourse/grading.py says why that is safe with nbgrader's SQLite gradebook). One kernel per job.
 JOBS ?= 1
 AUTOGRADE := $(if $(filter-out 1,$(JOBS)),$(BIN)/python -m kvcourse.grading autograde $(ASSIGNMENT) --jobs $(JOBS),$(BIN)/nbgrader autograde $(ASSIGNMENT) --force)
 grade: $(STAMP) need-assignment

@@ -26,8 +26,8 @@ Use it through ``make grade ASSIGNMENT=ID JOBS=4``, or::
     python -m kvcourse.grading autograde ID --jobs 4     # in the course root, after generate_assignment
     python -m kvcourse.grading bench ID --submissions 40 --jobs 2   # serial vs parallel, side by side
 
-Each worker runs its own kernel, so memory grows with ``jobs`` (about 0.5 GB per worker for this
-course's notebooks); more workers than CPU cores only adds waiting.
+Each worker runs its own kernel, so memory grows with ``jobs`` (a solution notebook of this course
+peaks at about 0.6 GB, docs/instructor-guide.md); more workers than CPU cores only adds waiting.
 """
 
 from __future__ import annotations
