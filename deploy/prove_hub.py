@@ -501,6 +501,12 @@ def browser_check(hub, args):
         box.send_keys(Keys.ENTER)
         panel = wait.until(ec.presence_of_element_located((By.ID, "nbgrader-assignment-list")))
         wait.until(lambda d: ASSIGNMENT in panel.text and "view feedback" in panel.text)
+        # No exchange errors (what learner mode showed without a hub: "Error fetching courses!",
+        # "exchange directory does not exist"), in the panel or anywhere on the page.
+        check(not re.search(r"error|does not exist", panel.text, re.I), f"the Assignment List shows: {panel.text!r}")
+        page = driver.find_element(By.TAG_NAME, "body").text
+        for bad in ("Error fetching", "exchange directory", "Formgrader", "Course List"):
+            check(bad not in page, f"learner1's lab shows {bad!r}")
         shot = Path(args.screenshot_dir) / "assignment_list.png"
         with contextlib.suppress(Exception):
             driver.save_screenshot(str(shot))
