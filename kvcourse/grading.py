@@ -15,7 +15,8 @@ Why this is safe with nbgrader's SQLite gradebook: no two processes ever write t
   ``generate_assignment``, so the assignment and its cells have the same ids everywhere) and its own
   ``submitted/`` folder holding links to its share of learners only. Its autograded notebooks go to the
   shared ``autograded/<learner>/<assignment>/``: a different folder for every learner.
-- When every worker has exited, this one process merges: per worker, in one transaction, it deletes the
+- As each worker exits, this one process merges its grades (workers never open ``gradebook.db``): per
+  worker, in one transaction, it deletes the
   main gradebook's earlier rows for those learners and that assignment (what ``autograde --force`` does
   to a regraded submission) and copies the worker's rows (student, submitted assignment and notebooks,
   grades, comments). nbgrader's row ids are random UUIDs (``nbgrader.api.new_uuid``), so rows from
@@ -98,16 +99,18 @@ def merge_gradebook(main_db: Path, worker_db: Path, assignment: str, learners: S
             raise ValueError(f"{main_db} has no assignment {assignment!r}: run nbgrader generate_assignment first")
         if waid != aid:
             raise ValueError(f"{worker_db} is not a copy of {main_db}: assignment ids {waid} and {aid} differ")
+        ours, theirs = _ids("main"), _ids("w")
         merged = 0
         with con:  # one transaction: all of this worker's learners, or none
             for learner in learners:
                 args = {"student": learner, "aid": aid[0]}
                 for table in reversed(SUBMISSION_TABLES):
-                    con.execute(f"DELETE FROM main.{table} WHERE {_ids('main')[table]}", args)
+                    con.execute(f"DELETE FROM main.{table} WHERE {ours[table]}", args)
                 con.execute("INSERT OR IGNORE INTO main.student SELECT * FROM w.student WHERE id = :student", args)
                 for table in SUBMISSION_TABLES:
-                    con.execute(f"INSERT INTO main.{table} SELECT * FROM w.{table} WHERE {_ids('w')[table]}", args)
-                merged += con.execute(f"SELECT count(*) FROM w.submitted_assignment WHERE {_ids('w')['submitted_assignment']}", args).fetchone()[0]
+                    con.execute(f"INSERT INTO main.{table} SELECT * FROM w.{table} WHERE {theirs[table]}", args)
+                query = f"SELECT count(*) FROM w.submitted_assignment WHERE {theirs['submitted_assignment']}"
+                merged += con.execute(query, args).fetchone()[0]
         return merged
     finally:
         con.close()
@@ -146,7 +149,7 @@ def autograde_parallel(assignment: str, jobs: int, root: Path | None = None, log
             cmd = [sys.executable, "-m", "nbgrader", "autograde", assignment, "--force",
                    f"--CourseDirectory.submitted_directory={wdir / 'submitted'}",
                    f"--CourseDirectory.db_url=sqlite:///{wdir / 'gradebook.db'}"]
-            out = open(wdir / "autograde.log", "w")  # noqa: SIM115 - closed below
+            out = open(wdir / "autograde.log", "w")  # closed after the worker exits
             proc = subprocess.Popen(cmd, cwd=root, env=_env(), stdout=out, stderr=subprocess.STDOUT)
             workers.append((k, share, wdir, proc, out))
         status = 0
@@ -244,9 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     b.add_argument("--keep", type=Path, default=None, help="build the throwaway course here and keep it")
     args = p.parse_args(argv)
-    if args.cmd == "autograde":
-        return autograde_parallel(args.assignment, args.jobs)
-    return bench(args.assignment, args.submissions, args.jobs, Path.cwd(), keep=args.keep)
+    try:
+        if args.cmd == "autograde":
+            return autograde_parallel(args.assignment, args.jobs)
+        return bench(args.assignment, args.submissions, args.jobs, Path.cwd(), keep=args.keep)
+    except (FileNotFoundError, ValueError) as e:  # no submissions, no gradebook, jobs < 1: say which
+        print(f"python -m kvcourse.grading {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
