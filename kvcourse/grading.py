@@ -15,11 +15,10 @@ Why this is safe with nbgrader's SQLite gradebook: no two processes ever write t
   ``generate_assignment``, so the assignment and its cells have the same ids everywhere) and its own
   ``submitted/`` folder holding links to its share of learners only. Its autograded notebooks go to the
   shared ``autograded/<learner>/<assignment>/``: a different folder for every learner.
-- As each worker exits, this one process merges its grades (workers never open ``gradebook.db``): per
-  worker, in one transaction, it deletes the
-  main gradebook's earlier rows for those learners and that assignment (what ``autograde --force`` does
-  to a regraded submission) and copies the worker's rows (student, submitted assignment and notebooks,
-  grades, comments). nbgrader's row ids are random UUIDs (``nbgrader.api.new_uuid``), so rows from
+- As each worker exits, this one process merges its grades (workers never open ``gradebook.db``): in
+  one transaction per worker, it deletes the main gradebook's earlier rows for those learners and that
+  assignment (what ``autograde --force`` does to a regraded submission) and copies the worker's rows
+  (student, submitted assignment and notebooks, grades, comments). nbgrader's row ids are random UUIDs (``nbgrader.api.new_uuid``), so rows from
   different workers never collide.
 
 Use it through ``make grade ASSIGNMENT=ID JOBS=4``, or::
@@ -197,11 +196,9 @@ def bench(assignment: str, submissions: int, jobs: int, source_root: Path, keep:
         nbgrader = [sys.executable, "-m", "nbgrader"]
         subprocess.run([*nbgrader, "generate_assignment", assignment, "--force"], cwd=course, env=_env(),
                        check=True, capture_output=True)
-        kinds = sample_submissions(assignment, root=course)  # submitted/{full,partial,empty}
-        names = [f"learner{i + 1:02d}" for i in range(submissions)]
-        for i, name in enumerate(names):  # full, partial, empty, full, ...
-            kind = list(kinds)[i % len(kinds)]
-            shutil.copytree(course / "submitted" / kind, course / "submitted" / name)
+        kinds = list(sample_submissions(assignment, root=course))  # submitted/{full,partial,empty}
+        for i in range(submissions):  # learner01 full, learner02 partial, learner03 empty, learner04 full, ...
+            shutil.copytree(course / "submitted" / kinds[i % len(kinds)], course / "submitted" / f"learner{i + 1:02d}")
         for kind in kinds:
             shutil.rmtree(course / "submitted" / kind)
         fresh = course / "gradebook-after-generate.db"
