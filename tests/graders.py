@@ -136,7 +136,7 @@ class Mutant:
         src = cells[0].source
         if src.count(self.find) != 1:
             raise ValueError(f"mutant {self.id}: {self.find!r} occurs {src.count(self.find)} times in cell "
-                             f"{self.cell!r}; the mutant bank is stale, update tests/mutants.toml")
+                             f"{self.cell!r}; the mutant bank is stale, update tests/mutants/{self.assignment}.toml")
         cells[0].source = src.replace(self.find, self.replace)
         return nb
 
@@ -155,11 +155,24 @@ class Variant:
     apply = Mutant.apply
 
 
-def load_mutants(path: Path = ROOT / "tests" / "mutants.toml") -> list[Mutant]:
-    data = tomllib.loads(path.read_text())
-    return [Mutant(**m) for m in data["mutant"]]
+MUTANT_BANK = ROOT / "tests" / "mutants"
 
 
-def load_variants(path: Path = ROOT / "tests" / "mutants.toml") -> list[Variant]:
-    data = tomllib.loads(path.read_text())
-    return [Variant(**m) for m in data.get("correct", [])]
+def _bank(folder: Path, key: str) -> list[dict]:
+    """Every ``[[key]]`` entry of the bank's files (one per assignment, ``NN_topic.toml``), in file order."""
+    entries = []
+    for path in sorted(folder.glob("*.toml")):
+        for entry in tomllib.loads(path.read_text()).get(key, []):
+            if entry.get("assignment") != path.stem:
+                raise ValueError(f"{path.name}: entry {entry.get('id')!r} is for {entry.get('assignment')!r}; "
+                                 f"each file holds its own assignment's entries")
+            entries.append(entry)
+    return entries
+
+
+def load_mutants(folder: Path = MUTANT_BANK) -> list[Mutant]:
+    return [Mutant(**m) for m in _bank(folder, "mutant")]
+
+
+def load_variants(folder: Path = MUTANT_BANK) -> list[Variant]:
+    return [Variant(**m) for m in _bank(folder, "correct")]

@@ -9,7 +9,7 @@ The whole bank goes through ``tests/forkgrade.py``, which runs the solution once
 kernel state before the patched cell (a fresh kernel per submission spent ~80 % of its time re-importing
 and re-running the cells before the answer):
 - ``m-<id>``: the solution with one learner's real mistake patched in (``[[mutant]]`` in
-  ``tests/mutants.toml``) -> the test meant to catch it fails, and its message names the mistake;
+  ``tests/mutants/NN_topic.toml``) -> the test meant to catch it fails, and its message names the mistake;
 - ``v-<id>``: the solution with one answer rewritten in a different but correct way (``[[correct]]``
   in the same file: einsum for matmul, a while loop, another container) -> every test cell passes.
 
@@ -229,4 +229,4 @@ def test_bank_has_three_mistakes_per_exercise():
                    if c.metadata.get("nbgrader", {}).get("solution") and c.cell_type == "code"]
         for cell in answers:
             n = sum(m.cell == cell and m.assignment == assignment for m in MUTANTS)
-            assert n >= 3, f"{assignment}: answer cell {cell} has {n} mutants in tests/mutants.toml, want >= 3"
+            assert n >= 3, f"{assignment}: answer cell {cell} has {n} mutants in tests/mutants/{assignment}.toml, want >= 3"
