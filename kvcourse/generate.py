@@ -25,6 +25,8 @@ the output is then shorter than ``T + max_new_tokens``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .cache import KVCache
@@ -50,6 +52,71 @@ def check_generate_args(input_ids, max_new_tokens, device: torch.device | None =
         raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
 
 
+def normalize_eos(eos_token_id, vocab_size: int | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor | None:
+    """``eos_token_id`` as a 1-D ``torch.long`` tensor of ids, or ``None`` (no end-of-sequence handling).
+
+    Accepts what ``transformers``' ``GenerationConfig.eos_token_id`` may be: ``None``, an int, or a list (Llama 3.x
+    Instruct lists two, ``<|end_of_text|>`` and ``<|eot_id|>``); also a tuple or an integer tensor. Anything else
+    (a bool, a float, a string, an empty list, a negative id, an id >= ``vocab_size``) raises a ``ValueError``
+    naming what was expected and what came. Test membership with ``torch.isin(next_id, eos)``, as
+    ``transformers``' ``EosTokenCriteria`` does.
+    """
+    if eos_token_id is None:
+        return None
+    expected = "eos_token_id must be None, an int, or a non-empty list/tuple/tensor of int token ids"
+    if isinstance(eos_token_id, torch.Tensor):
+        if eos_token_id.is_floating_point() or eos_token_id.is_complex() or eos_token_id.dtype == torch.bool:
+            raise ValueError(f"{expected}, got a {eos_token_id.dtype} tensor")
+        ids = eos_token_id.detach().reshape(-1).to(torch.long)
+    elif isinstance(eos_token_id, (list, tuple)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_token_id):
+            raise ValueError(f"{expected}, got {eos_token_id!r}")
+        ids = torch.tensor(list(eos_token_id), dtype=torch.long)
+    elif isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool):
+        ids = torch.tensor([eos_token_id], dtype=torch.long)
+    else:
+        raise ValueError(f"{expected}, got {type(eos_token_id).__name__} {eos_token_id!r}")
+    if ids.numel() == 0:
+        raise ValueError(f"{expected}, got an empty {type(eos_token_id).__name__}")
+    if int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size):
+        top = f"0..{vocab_size - 1}" if vocab_size is not None else ">= 0"
+        raise ValueError(f"eos_token_id must be token ids in {top}, got {ids.tolist()}")
+    return ids.to(device) if device is not None else ids
+
+
+def check_token_id(name: str, token_id, vocab_size: int | None = None) -> int:
+    """``token_id`` (e.g. ``pad_token_id``) as an int in ``0..vocab_size - 1``, or a clear ``ValueError``.
+
+    A tokenizer without a padding token gives ``pad_token_id = None``: the message says to set one
+    (``tokenizer.pad_token = tokenizer.eos_token`` is the usual choice).
+    """
+    if token_id is None:
+        raise ValueError(f"{name} is None: an int token id is needed here (a tokenizer without a padding token "
+                         f"gives None; set one, e.g. tokenizer.pad_token = tokenizer.eos_token)")
+    if isinstance(token_id, torch.Tensor) and token_id.numel() == 1 and not token_id.is_floating_point():
+        token_id = int(token_id)
+    if isinstance(token_id, bool) or not isinstance(token_id, int):
+        raise ValueError(f"{name} must be an int token id, got {type(token_id).__name__} {token_id!r}")
+    if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+        top = f"0..{vocab_size - 1}" if vocab_size is not None else ">= 0"
+        raise ValueError(f"{name} must be a token id in {top}, got {token_id}")
+    return token_id
+
+
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Refuse a right-padded batch for generation: every row's last column must be a real token (1).
+
+    With padding on the right the next token would follow a pad, not the prompt (``transformers`` warns
+    "A decoder-only architecture is being used, but right-padding was detected!"; the course refuses).
+    """
+    if not attention_mask.bool()[:, -1].all():
+        rows = (~attention_mask.bool()[:, -1]).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask ends in padding in rows {rows}: pad on the left for generation "
+                         f"(pad_prompts(..., side='left')), so every row's last token is real and the next "
+                         f"token follows it")
+
+
 def _is_transformers_model(model) -> bool:
     return not isinstance(model, Llama) and hasattr(getattr(model, "config", None), "model_type")
 
@@ -66,6 +133,15 @@ def _refuse_transformers_model(model, fn: str) -> None:
             f"{fn} takes the course's Llama, got a transformers {type(model).__name__}: wrap it once, outside "
             f"the loop, with model = kvcourse.Llama.from_hf(hf_model) (same weights, no copy)"
         )
+
+
+def _vocab_size(model) -> int | None:
+    """The model's vocabulary size (``Llama.args`` or a ``transformers`` config), ``None`` if unknown."""
+    for holder in (getattr(model, "args", None), getattr(model, "config", None)):
+        v = getattr(holder, "vocab_size", None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
 
 
 def _model_device(model) -> torch.device | None:
@@ -114,26 +190,34 @@ def decode_one_token(model, token: torch.Tensor, cache, attention_mask: torch.Te
 
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, cache=None, *,
-             attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
+             attention_mask: torch.Tensor | None = None,
+             eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
              pad_token_id: int | None = None) -> torch.Tensor:
     """(B, T) -> (B, T + max_new_tokens) with a KV cache (shorter if every row stops at EOS).
 
     cache: ``None`` for a new ``KVCache`` sized for this call, or a cache to ``reset()`` and reuse
     (a new prompt starts from an empty cache, as notebook 04 teaches).
     attention_mask: ``None`` or (B, T) of 0/1 for a left-padded batch.
-    eos_token_id: ``None`` (exactly max_new_tokens) or the id after which a row is finished; finished
-    rows then get ``pad_token_id`` (required with eos_token_id) and generation stops when all are.
+    eos_token_id: ``None`` (exactly max_new_tokens), or the id, or a list of ids (Llama 3.x Instruct's
+    ``generation_config.eos_token_id`` is a list), after any of which a row is finished (``normalize_eos``);
+    finished rows then get ``pad_token_id`` (required with eos_token_id) and generation stops when all are.
     """
     model = as_llama(model)
     check_generate_args(input_ids, max_new_tokens, _model_device(model))
     b, t = input_ids.shape
     if attention_mask is not None:
         check_attention_mask(attention_mask, b, t, input_ids.device)
-        if not attention_mask.bool()[:, -1].all():
-            raise ValueError("attention_mask ends in padding in some row: pad on the left for generation, "
-                             "so every row's last token is real and the next token follows it")
-    if eos_token_id is not None and pad_token_id is None:
-        raise ValueError("eos_token_id needs a pad_token_id: finished rows are filled with it (as in transformers)")
+        check_left_padded(attention_mask)
+    vocab_size = _vocab_size(model)
+    if vocab_size is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids must be token ids in 0..{vocab_size - 1} (the model's vocab_size), got ids "
+                         f"from {int(input_ids.min())} to {int(input_ids.max())}")
+    eos = normalize_eos(eos_token_id, vocab_size, input_ids.device)
+    if eos is not None:
+        if pad_token_id is None:
+            raise ValueError("eos_token_id needs a pad_token_id: finished rows are filled with it (as in "
+                             "transformers); got pad_token_id=None")
+        pad_token_id = check_token_id("pad_token_id", pad_token_id, vocab_size)
     if max_new_tokens == 0:
         return input_ids.clone()
     if cache is None:
@@ -149,12 +233,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, cache=None, *,
         else:
             logits = decode_one_token(model, out[-1], cache, mask)  # (B, V)
         next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        if eos_token_id is not None:
+        if eos is not None:
             next_id = next_id.masked_fill(finished, pad_token_id)  # a finished row keeps emitting padding
-            finished = finished | (next_id == eos_token_id)
+            finished = finished | torch.isin(next_id, eos)  # any of the EOS ids ends the row
         out.append(next_id)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(next_id, dtype=mask.dtype)], dim=1)  # (B, T + step + 1)
-        if eos_token_id is not None and finished.all():
+        if eos is not None and finished.all():
             break
     return torch.cat(out, dim=1)
