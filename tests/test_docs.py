@@ -70,3 +70,31 @@ def test_reserve_notebook_and_reading_list_are_where_the_docs_say():
     links = re.findall(r"\]\((https?://[^)\s]+)\)|<(https?://[^>\s]+)>", reading)
     assert len(links) >= 8, f"further-reading.md has {len(links)} links; every entry names its source"
     assert all((a or b).startswith("https://") for a, b in links), "further-reading.md links must be https"
+
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve"]
+
+
+def test_readme_notebook_table_and_count_match_solutions():
+    """The README said "Six graded notebooks" when there were eight: its count and its table follow solutions/."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assignments = sorted(p for p in (ROOT / "solutions").iterdir() if p.is_dir())
+    rows = re.findall(r"^\| (\d+) \| `(\d\d_[a-z_]+)/([a-z_]+\.ipynb)` \|", readme, re.M)
+    assert [(int(n), a) for n, a, _ in rows] == [(int(p.name[:2]), p.name) for p in assignments], (
+        f"README's notebook table lists {[a for _, a, _ in rows]}; solutions/ has {[p.name for p in assignments]}")
+    for _, a, nb in rows:
+        assert (ROOT / "solutions" / a / nb).is_file(), f"README names {a}/{nb}, which solutions/ does not have"
+    count = re.search(r"(\w+) graded notebooks in `notebooks/`", readme)
+    assert count, "README no longer says how many graded notebooks there are ('N graded notebooks in `notebooks/`')"
+    assert count.group(1).lower() == NUMBER_WORDS[len(assignments)], (
+        f"README says {count.group(1)} graded notebooks; solutions/ has {len(assignments)}")
+
+
+def test_readme_names_the_benchmark_modules_that_exist():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"one module per part: ((?:`\w+`,?\s*(?:and\s+)?)+)", readme)
+    assert m, "README no longer lists kvcourse/bench's modules ('one module per part: `plan`, ...')"
+    named = set(re.findall(r"`(\w+)`", m.group(1)))
+    modules = {p.stem for p in (ROOT / "kvcourse" / "bench").glob("*.py") if not p.stem.startswith("_")}
+    assert named == modules, f"README names {sorted(named)}; kvcourse/bench has {sorted(modules)}"
