@@ -149,39 +149,68 @@ class PagedKVCache:
         return self.num_blocks - len(self.free_blocks)
 
 
+def _check_count(name: str, value, least: int) -> None:
+    """A count must be an int (not a bool or a float) of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
 
 def simulate_serving(budget_tokens: int, max_len: int, *, block_size: int = 16, requests: int = 2000,
-                     paged: bool, seed: int = 0) -> dict:
+                     paged: bool, seed: int = 0, lengths: list[tuple[int, int]] | None = None) -> dict:
     """A day of requests through a KV-cache budget of ``budget_tokens`` slots, one token per running sequence per step.
 
     Lengths (stated distribution): prompt ~ lognormal(median 200, sigma 1), output ~ lognormal(median 150,
     sigma 1), rounded, at least 1 each, together at most ``max_len``. Requests wait in a queue and are
-    admitted first come, first served.
+    admitted first come, first served. ``lengths``, a list of (prompt, output) pairs, replaces the drawn requests.
 
     - ``paged=False``: each admitted request reserves ``max_len`` slots up front (a dense cache per request).
     - ``paged=True``: a request holds ceil(length / block_size) blocks and takes one more when its last one is
-      full. It is admitted while its prompt's blocks, plus one spare block per running sequence, fit. A sequence
-      that needs a block when none is free is preempted: its blocks are freed and it goes back to the front of
-      the queue, its prompt now everything it has so far (recomputed, as vLLM's recompute preemption does).
+      full. It is admitted while its prompt's blocks, plus one spare block per running sequence, fit. When a
+      sequence needs a block and none is free, the lowest-priority running request is preempted: under first come,
+      first served that is the last one admitted (``running[-1]``), possibly the sequence itself. Its blocks are
+      freed and it goes back to the front of the queue; when it is admitted again its prompt and the tokens it had
+      generated are all prefilled again (recompute preemption). vLLM's scheduler does the same: when
+      ``allocate_slots`` fails it takes ``self.running.pop()`` under FCFS (the highest ``(priority, arrival_time)``
+      under priority scheduling) and retries, stopping when the victim is the request itself
+      (vllm-project/vllm, ``vllm/v1/core/sched/scheduler.py``, ``Scheduler.schedule``); ``_preempt_request``
+      frees the request's blocks and sets its ``num_computed_tokens`` to 0.
 
-    Returns the share of reserved slots that held real tokens (averaged over steps), the mean number of
-    sequences running at once, the steps taken and the preemptions.
+    The simulation counts slots and tokens, not time: a step is one decode token per running sequence, and a
+    prefill (first or recomputed) costs no step. Recompute is charged as work instead: ``recomputed_tokens`` is the
+    number of tokens prefilled a second (third, ...) time, and ``recompute_share`` their share of every token the
+    model computed (prompts, recomputed tokens and generated tokens).
+
+    Returns ``used_share``, the share of reserved slots that held real tokens (averaged over steps), to compare
+    with the 20.4-38.2 % that Kwon et al. 2023 (vLLM paper, SOSP; arXiv:2309.06180, section 1 and Fig. 2) give for
+    the Orca variants they simulate (Max, Pow2 and Oracle reservation: simulated baselines, not measurements of
+    deployed systems); ``mean_running``, the mean number of sequences running at once; ``steps``; ``preempted``;
+    ``recomputed_tokens``; ``recompute_share``.
     """
-    g = torch.Generator().manual_seed(seed)
-    median = torch.log(torch.tensor(200.0)), torch.log(torch.tensor(150.0))
-    prompt = torch.exp(torch.randn(requests, generator=g) + median[0]).round().clamp(1, max_len - 1)
-    output = torch.minimum(torch.exp(torch.randn(requests, generator=g) + median[1]).round().clamp(min=1),
-                           max_len - prompt)
-    pairs = zip(prompt.tolist(), output.tolist(), strict=True)
-    queue = [(int(p), int(o)) for p, o in pairs]  # (tokens to prefill, tokens to generate)
+    _check_count("budget_tokens", budget_tokens, 1)
+    _check_count("max_len", max_len, 2)  # a prompt of at least 1 token and an output of at least 1
+    _check_count("block_size", block_size, 1)
+    if lengths is None:
+        _check_count("requests", requests, 1)
+        g = torch.Generator().manual_seed(seed)
+        median = torch.log(torch.tensor(200.0)), torch.log(torch.tensor(150.0))
+        prompt = torch.exp(torch.randn(requests, generator=g) + median[0]).round().clamp(1, max_len - 1)
+        output = torch.minimum(torch.exp(torch.randn(requests, generator=g) + median[1]).round().clamp(min=1),
+                               max_len - prompt)
+        lengths = list(zip(prompt.int().tolist(), output.int().tolist(), strict=True))
+    if not lengths or any(not (isinstance(p, int) and isinstance(o, int) and p >= 1 and o >= 1 and p + o <= max_len)
+                          for p, o in lengths):
+        raise ValueError(f"lengths must be a non-empty list of (prompt, output) ints, each >= 1 and together at most "
+                         f"max_len={max_len}, got {lengths if len(lengths) < 8 else lengths[:8] + ['...']!r}")
+    queue = list(lengths)  # (tokens to prefill, tokens to generate), first come first served
     blocks_total = budget_tokens // block_size
 
     def blocks(length: int) -> int:
         return -(-length // block_size)
 
-    running: list[list[int]] = []  # [current length, final length]
+    running: list[list[int]] = []  # [current length, final length], in the order admitted
     held = 0  # blocks held (paged) or slots reserved (dense)
     used_share, concurrency, steps, preempted = [], [], 0, 0
+    prefilled = decoded = recomputed = 0  # tokens computed: prompts (recomputes included), generated, recomputed
     while queue or running:
         while queue:  # admit in order while the next request fits
             p, o = queue[0]
@@ -192,25 +221,37 @@ def simulate_serving(budget_tokens: int, max_len: int, *, block_size: int = 16, 
             queue.pop(0)
             running.append([p, p + o])
             held += blocks(p) if paged else max_len
+            prefilled += p
         if not running:
             raise ValueError(f"a request of {queue[0][0]} prompt tokens does not fit a budget of {budget_tokens} slots")
         assert held <= (blocks_total if paged else budget_tokens), "the simulation overdrew its budget"
         real = sum(r[0] for r in running)
         used_share.append(real / (held * block_size if paged else held))
         concurrency.append(len(running))
-        for r in list(running):  # one decode step: every sequence grows by one token
+        i = 0
+        while i < len(running):  # one decode step: every sequence grows by one token, in admission order
+            r = running[i]
             if paged and r[0] % block_size == 0:  # its last block is full: it needs a new one
-                if held >= blocks_total:  # none free: preempt it, to be recomputed later
-                    running.remove(r)
-                    held -= blocks(r[0])
-                    queue.insert(0, (r[0], r[1] - r[0]))
+                while held >= blocks_total:  # none free: preempt the last admitted, to be recomputed later
+                    victim = running.pop()
+                    held -= blocks(victim[0])
+                    queue.insert(0, (victim[0], victim[1] - victim[0]))  # its prompt: everything it has so far
+                    recomputed += victim[0]
                     preempted += 1
-                    continue
+                    if victim is r:
+                        break
+                if i >= len(running):  # r itself was preempted
+                    break
                 held += 1
             r[0] += 1
+            decoded += 1
             if r[0] >= r[1]:
-                running.remove(r)
+                running.pop(i)
                 held -= blocks(r[0]) if paged else max_len
+                continue
+            i += 1
         steps += 1
+    computed = prefilled + decoded
     return {"used_share": sum(used_share) / len(used_share), "mean_running": sum(concurrency) / len(concurrency),
-            "steps": steps, "preempted": preempted}
+            "steps": steps, "preempted": preempted, "recomputed_tokens": recomputed,
+            "recompute_share": recomputed / computed}
