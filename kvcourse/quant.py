@@ -1,19 +1,31 @@
-"""An int8 KV cache: keys and values quantized on write (absmax, one scale per token and head), read back
-in the model's dtype, with the latest tokens kept in full precision.
+"""An int8 KV cache: absmax quantization with one scale per token and KV head, read back in the model's dtype,
+with the newest tokens held in full precision until a residual of ``residual`` tokens fills.
 
 Absmax quantization maps a vector x to ``round(x / s)`` with ``s = max|x| / 127``, an int8 in -127..127,
 and back to ``q * s``. Each element is then off by at most ``s / 2``: half a step of the grid. Here the
 vector is one token's ``head_dim`` values in one KV head, so every (token, head) has its own scale, and
 an outlier in one token does not blur the others.
 
-Like ``transformers``' ``QuantizedCache`` (``cache_utils.py``: ``residual_length``, 128 by default),
-the ``residual`` most recent tokens are also kept unquantized and returned exactly: the next tokens
-attend most to them. ``update`` returns every cached token, dequantized, in time order, with the
-residual ones exact, so any attention (``kvcourse.llama.Llama``) can use the cache unchanged.
+The residual follows ``transformers``' ``QuantizedLayer`` (``transformers/cache_utils.py``, 5.25; the
+``residual_length`` of ``QuantizedCache``, 128 by default). Each token is stored ONCE: either as int8 or, while
+it is among the newest, in full precision, never both. The first ``update`` of an empty layer (the prefill)
+quantizes everything it gets; later tokens are appended to the residual, and when the residual plus the new
+tokens reach ``residual`` (``transformers``: ``residual_length + new >= self.residual_length``) all of them are
+quantized into the int8 store and the residual empties, so it holds at most ``residual - 1`` tokens. ``update``
+returns, as ``transformers``' does, the tokens stored before the call (int8 ones dequantized, residual ones
+exact) followed by the new ones exactly as given; they are quantized after being returned. With
+``residual=0`` every token is quantized as it arrives.
 
-Memory per token and head: ``head_dim`` bytes plus one float scale, against ``head_dim * 4`` bytes in
-float32 (``nbytes``). The dequantized copies that ``update`` returns are working memory of one layer at
-a time; a fused kernel would dequantize inside attention instead.
+What this is NOT: ``transformers``' integer ``QuantizedCache`` backends (quanto, HQQ) quantize per channel in
+groups (``q_group_size=64``) with ``nbits=4`` by default (quanto accepts only 2 or 4 bits, ``QuantoQuantizedLayer``),
+and re-quantize the whole layer at each flush; this cache is 8-bit, one scale per token and head, and quantizes
+each token once.
+
+Memory (``nbytes``): the buffers allocated, as ``KVCache.nbytes``: per layer, for keys and for values,
+``B * KV * (max_seq_len * (D + 4) + residual * D * itemsize)`` bytes: ``max_seq_len`` int8 slots with a
+float32 scale each (every token ends up there once the residual flushes) and ``residual`` full-precision slots.
+``stored_nbytes`` counts only what the tokens now held occupy. The dequantized copies that ``update`` returns
+are working memory of one layer at a time; a fused kernel would dequantize inside attention instead.
 """
 
 from __future__ import annotations
@@ -37,71 +49,104 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     return (q.float() * scale).to(dtype)
 
 
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 class Int8KVCache:
-    """Preallocated int8 keys/values (B, KV, S_max, D) with a scale per token and head, plus a full-precision
-    copy of the latest ``residual`` tokens."""
+    """Preallocated int8 keys/values (B, KV, S_max, D) with a scale per token and head, and a full-precision
+    residual (B, KV, R, D) of the newest tokens; each token lives in exactly one of the two (module docstring)."""
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  *, residual: int = 16, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  quantize=None):
-        if min(num_layers, batch_size, num_kv_heads, head_dim, max_seq_len) <= 0 or residual < 0:
-            raise ValueError("num_layers, batch_size, num_kv_heads, head_dim and max_seq_len must be positive, "
-                             "residual >= 0")
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("max_seq_len", max_seq_len)):
+            _check_count(name, value, 1)
+        _check_count("residual", residual, 0)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be the model's floating dtype (e.g. torch.float32), got {dtype!r}")
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)  # (B, KV, S_max, D)
         self.qk = [torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(num_layers)]
         self.qv = [torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(num_layers)]
         scale_shape = (*shape[:3], 1)  # (B, KV, S_max, 1): one scale per token and head
         self.sk = [torch.zeros(scale_shape, dtype=torch.float32, device=device) for _ in range(num_layers)]
         self.sv = [torch.zeros(scale_shape, dtype=torch.float32, device=device) for _ in range(num_layers)]
-        res_shape = (batch_size, num_kv_heads, residual, head_dim)  # (B, KV, R, D): exact copies, a ring
+        res_shape = (batch_size, num_kv_heads, residual, head_dim)  # (B, KV, R, D): the newest tokens, exact, in order
         self.rk = [torch.zeros(res_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.rv = [torch.zeros(res_shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.lengths = [0] * num_layers
+        self.quantized = [0] * num_layers  # tokens in the int8 store, per layer: positions 0..quantized - 1
+        self.in_residual = [0] * num_layers  # tokens in the residual, per layer: the positions right after
         self.num_layers, self.max_seq_len, self.residual, self.dtype = num_layers, max_seq_len, residual, dtype
         self.quantize = quantize or quantize_absmax  # x -> (int8 q, float scale (..., 1)): notebook 08 plugs its own in
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens held per layer, int8 and residual together."""
+        return [q + r for q, r in zip(self.quantized, self.in_residual, strict=True)]
+
     @classmethod
     def for_model(cls, model, batch_size: int, max_seq_len: int, **kw) -> Int8KVCache:
-        a = model.args
+        """Size a cache for a ``kvcourse.llama.Llama`` (its ``args``), in the model's dtype and on its device."""
+        a = getattr(model, "args", None)
+        if a is None:
+            raise TypeError(f"Int8KVCache.for_model takes the course's Llama (with .args), got {type(model).__name__}:"
+                            f" wrap a transformers model with kvcourse.Llama.from_hf(model)")
         p = next(model.parameters())
         kw.setdefault("dtype", p.dtype)
         kw.setdefault("device", p.device)
         return cls(a.num_layers, batch_size, a.num_kv_heads, a.head_dim, max_seq_len, **kw)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantize and store key/value (B, KV, T, D); return all cached (B, KV, end, D), dequantized, in order."""
+        """Store key/value (B, KV, T, D); return all (B, KV, end, D) in time order: the tokens held before this call
+        as stored (int8 ones dequantized, residual ones exact), then the new ones as given."""
         _check_kv(key, value, layer_idx, self.num_layers)
-        _check_same_kind(key, self.rk[layer_idx], layer_idx)
-        start = self.lengths[layer_idx]
-        t = key.shape[2]
-        end = start + t
+        held = self.qk[layer_idx]
+        if key.shape[0] != held.shape[0] or key.shape[1] != held.shape[1] or key.shape[3] != held.shape[3]:
+            raise ValueError(
+                f"key {tuple(key.shape)} does not fit this cache's (batch, kv_heads, seq, head_dim) = "
+                f"{tuple(held.shape[:2])} + (seq, {held.shape[3]})"
+            )
+        _check_same_kind(key, self.rk[layer_idx], layer_idx)  # a silent cast would hide a model/cache dtype mismatch
+        nq, nr, t = self.quantized[layer_idx], self.in_residual[layer_idx], key.shape[2]
+        end = nq + nr + t
         if end > self.max_seq_len:
-            raise CacheOverflowError(f"int8 KV cache overflow in layer {layer_idx}: it holds {start} tokens, {t} more "
-                                     f"would make {end}, past max_seq_len={self.max_seq_len}")
+            raise CacheOverflowError(f"int8 KV cache overflow in layer {layer_idx}: it holds {nq + nr} tokens, {t} "
+                                     f"more would make {end}, past max_seq_len={self.max_seq_len}")
+        out = []
+        first = nq + nr == 0  # transformers quantizes the whole first update (the prefill) at once
+        flush = first or nr + t >= self.residual
         for new, q, s, r in ((key, self.qk, self.sk, self.rk), (value, self.qv, self.sv, self.rv)):
-            q[layer_idx][:, :, start:end], s[layer_idx][:, :, start:end] = self.quantize(new)
-            n = min(t, self.residual)  # the latest tokens, exact, at slot position % residual
-            if n:
-                slots = torch.arange(end - n, end, device=key.device) % self.residual
-                r[layer_idx].index_copy_(2, slots, new[:, :, t - n:])
-        self.lengths[layer_idx] = end
-        return self._read(self.qk, self.sk, self.rk, layer_idx), self._read(self.qv, self.sv, self.rv, layer_idx)
-
-    def _read(self, q, s, r, layer_idx: int) -> torch.Tensor:
-        end = self.lengths[layer_idx]
-        out = dequantize(q[layer_idx][:, :, :end], s[layer_idx][:, :, :end], self.dtype)  # (B, KV, end, D)
-        n = min(end, self.residual)
-        if n:
-            slots = torch.arange(end - n, end, device=out.device) % self.residual
-            out[:, :, end - n:] = r[layer_idx].index_select(2, slots)  # the latest, exact
-        return out
+            old_res = r[layer_idx][:, :, :nr]  # (B, KV, nr, D)
+            out.append(torch.cat([dequantize(q[layer_idx][:, :, :nq], s[layer_idx][:, :, :nq], self.dtype),
+                                  old_res, new], dim=2))  # (B, KV, end, D)
+            if flush:  # the residual and the new tokens move into int8; the residual empties
+                q[layer_idx][:, :, nq:end], s[layer_idx][:, :, nq:end] = self.quantize(torch.cat([old_res, new], 2))
+            else:
+                r[layer_idx][:, :, nr:nr + t] = new
+        if flush:
+            self.quantized[layer_idx], self.in_residual[layer_idx] = end, 0
+        else:
+            self.in_residual[layer_idx] = nr + t
+        return out[0], out[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.lengths[layer_idx]
+        return self.quantized[layer_idx] + self.in_residual[layer_idx]
 
     def reset(self) -> None:
-        self.lengths = [0] * self.num_layers
+        """Forget every token (the buffers are kept); the next update quantizes its tokens, as a prefill."""
+        self.quantized = [0] * self.num_layers
+        self.in_residual = [0] * self.num_layers
 
     def nbytes(self) -> int:
-        """Bytes held: int8 values, their scales, and the full-precision residual."""
+        """Bytes allocated: the int8 store and its scales (capacity ``max_seq_len``) and the residual (``residual``)."""
         return sum(t.numel() * t.element_size() for t in self.qk + self.qv + self.sk + self.sv + self.rk + self.rv)
+
+    def stored_nbytes(self) -> int:
+        """Bytes the tokens now held occupy: each int8 token ``D + 4`` bytes, each residual token ``D * itemsize``,
+        per batch row, KV head, layer, for keys and for values."""
+        b, kv, _, d = self.qk[0].shape
+        item = self.rk[0].element_size()
+        pairs = zip(self.quantized, self.in_residual, strict=True)
+        return 2 * b * kv * sum(nq * (d + 4) + nr * d * item for nq, nr in pairs)
