@@ -9,6 +9,7 @@ import torch
 from kvcourse import Llama, load_model
 from kvcourse.bench import hf_generate, random_llama
 from kvcourse.fast import FastGenerator, fast_generate
+from kvcourse.generate import generate
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +125,9 @@ def test_non_llama_model_is_silently_accepted():
 
 def test_compile_without_a_compiler_breaks_generation(bundled, monkeypatch):
     """No C++ compiler: compile=True must warn and run eagerly, not crash (no compiling in the test suite)."""
-    import kvcourse.fast as fast
+    import kvcourse.fast.base as base
 
-    monkeypatch.setattr(fast.shutil, "which", lambda name: None)
+    monkeypatch.setattr(base.shutil, "which", lambda name: None)
     hf, tok = bundled
     ids = tok("The red cat was", return_tensors="pt").input_ids
     with pytest.warns(RuntimeWarning, match="compiler"):
@@ -137,16 +138,110 @@ def test_compile_without_a_compiler_breaks_generation(bundled, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_decode_syncs_host_every_step(bundled):
+    """The input checks read the ids once per call; the decode loop itself must never wait for the device:
+    as many synchronizing calls for 16 new tokens as for 4."""
+    import warnings
+
     hf, tok = bundled
     hf_gpu = hf.to("cuda")
     try:
         ids = tok("The red cat was", return_tensors="pt").input_ids.cuda()
         gen = FastGenerator(hf_gpu)
         gen.generate(ids, 4)  # allocate first
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            gen.generate(ids, 16)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        syncs = {}
+        for n in (4, 16):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    gen.generate(ids, n)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs[n] = sum("synchroniz" in str(w.message) for w in caught)
+        assert syncs[4] == syncs[16], f"host syncs grow with the tokens generated: {syncs}"
     finally:
         hf.to("cpu")
+
+
+# ---- issue 22: silent wrong results and bad inputs --------------------------------------------------------
+KINDS = [{}, {"static": True}]
+KIND_IDS = ["dynamic", "static"]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_eos_token_id_list_is_silently_ignored(bundled, kind):
+    """transformers takes an int or a list (Llama 3.x Instruct's generation_config has two): any id ends a row."""
+    hf, tok = bundled
+    ours = Llama.from_hf(hf)
+    ids = torch.cat([tok(p, return_tensors="pt").input_ids[:, :4] for p in ["The red cat was", "ROMEO: But soft"]])
+    free = generate(ours, ids, 20)
+    eos = [int(free[0, 4 + 3]), int(free[1, 4 + 6])]  # row 0 ends at its 4th new token, row 1 by its 7th
+    expected = generate(ours, ids, 20, eos_token_id=eos, pad_token_id=0)
+    assert expected.shape[1] < ids.shape[1] + 20, "the chosen EOS ids should stop generation early"
+    got = FastGenerator(hf, **kind).generate(ids, 20, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_right_padded_mask_gives_padded_rows_wrong_tokens(bundled, kind):
+    """kvcourse.generate refuses a right-padded batch; the fast generators must refuse it with the same words."""
+    hf, tok = bundled
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with pytest.raises(ValueError, match=r"ends in padding in rows \[1\]: pad on the left"):
+        FastGenerator(hf, **kind).generate(ids, 4, attention_mask=mask)
+    with pytest.raises(ValueError, match="pad on the left"):
+        generate(Llama.from_hf(hf), ids, 4, attention_mask=mask)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize(
+    "ids, n, kw, match",
+    [
+        (torch.tensor([[1, 2048]]), 4, {}, r"token ids in 0\.\.2047 .*got ids from 1 to 2048"),  # = vocab_size
+        (torch.tensor([[-1, 2]]), 4, {}, r"got ids from -1 to 2"),
+        (torch.tensor([[1, 2]]), 4.0, {}, "max_new_tokens must be an int >= 0, got 4.0"),
+        (torch.tensor([[1, 2]]), 4, {"eos_token_id": 2.0, "pad_token_id": 0}, "eos_token_id must be .*got float 2.0"),
+        (torch.tensor([[1, 2]]), 4, {"eos_token_id": "</s>", "pad_token_id": 0}, "eos_token_id must be .*got str"),
+        (torch.tensor([[1, 2]]), 4, {"eos_token_id": [3, -1], "pad_token_id": 0}, r"got \[3, -1\]"),
+        (torch.tensor([[1, 2]]), 4, {"eos_token_id": True, "pad_token_id": 0}, "eos_token_id must be .*got bool"),
+        (torch.tensor([[1, 2]]), 4, {"eos_token_id": 3}, "needs a pad_token_id.*got pad_token_id=None"),
+        (torch.tensor([[1, 2]]), 4, {"attention_mask": torch.ones(1, 3, dtype=torch.long)}, r"\(1, 2\), got \(1, 3\)"),
+    ],
+    ids=["id=vocab_size", "negative-id", "float-n", "float-eos", "str-eos", "negative-eos", "bool-eos", "eos-no-pad",
+         "mask-shape"],
+)
+def test_bad_generate_input_is_a_raw_error_or_changes_state(bundled, kind, ids, n, kw, match):
+    """A clear kvcourse ValueError naming what was expected and what came, and the generator unchanged."""
+    hf, tok = bundled
+    gen = FastGenerator(hf, **kind)
+    prompt = tok("ROMEO:", return_tensors="pt").input_ids
+    before = gen.generate(prompt, 6)
+    cache = gen.k_cache.clone()
+    with pytest.raises(ValueError, match=match):
+        gen.generate(ids, n, **kw)
+    assert torch.equal(gen.k_cache, cache), "a refused call wrote into the cache"
+    assert torch.equal(gen.generate(prompt, 6), before)
+
+
+@pytest.mark.parametrize("max_seq_len", [0, -5, 2.5, True])
+def test_bad_max_seq_len_is_accepted(bundled, max_seq_len):
+    with pytest.raises(ValueError, match=f"max_seq_len must be None or an int >= 1, got {max_seq_len!r}"):
+        FastGenerator(bundled[0], max_seq_len=max_seq_len)
+
+
+def test_mixed_dtype_model_is_silently_promoted(bundled):
+    """torch.cat of float32 and bfloat16 rows is float32: the fused weights would not be the model's."""
+    ours = Llama.from_hf(bundled[0])
+    ours.layers[1].mlp.up_proj.to(torch.bfloat16)
+    try:
+        with pytest.raises(ValueError, match=r"one dtype.*expected torch.float32.*got torch.bfloat16 .*layers\.1\.mlp"):
+            FastGenerator(ours)
+    finally:
+        ours.layers[1].mlp.up_proj.to(torch.float32)
+
+
+def test_other_model_gives_a_raw_attribute_error():
+    """Neither the course's Llama nor a transformers model: named, not an AttributeError from inside."""
+    with pytest.raises(TypeError, match="takes the course's Llama or a transformers LlamaForCausalLM, got Linear"):
+        FastGenerator(torch.nn.Linear(4, 4))
