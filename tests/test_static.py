@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from test_batching import padded_prompts, small_model
 
+import kvcourse.fast.graphed as graphed
 from kvcourse import CacheOverflowError, KVCache, Llama, StaticKVCache, load_model
 from kvcourse.batching import pad_prompts
-from kvcourse.fast import FastGenerator
+from kvcourse.fast import FastGenerator, GraphedStaticGenerator, StaticGenerator
 from kvcourse.generate import generate
 
 
@@ -154,7 +155,130 @@ def test_cuda_graph_replays_a_different_token_stream(bundled, compile):
     eager = FastGenerator(model, static=True).generate(ids, 60, attention_mask=mask)
     graphed = FastGenerator(model, cuda_graph=True, compile=compile)
     out = graphed.generate(ids, 60, attention_mask=mask)
-    assert graphed.cuda_graph and graphed.compiled == compile, "compilation fell back to eager: see the warning"
+    assert isinstance(graphed, GraphedStaticGenerator) and graphed.cuda_graph and graphed.compiled == compile, "compilation fell back to eager: see the warning"
     assert torch.equal(out, eager)
-    assert graphed.capture_seconds > 0 and graphed._static_states[ids.shape[0]].graph is not None
+    assert graphed.capture_seconds > 0 and graphed._states[ids.shape[0]].graph is not None
+    assert (graphed.compile_seconds > 0) == compile, "compilation is timed apart from the capture"
     hf.to("cpu")
+
+
+# ---- per-row slots (issue 22 §3) -------------------------------------------------------------------------
+class FakeGraph:
+    """Replays what was captured on the same buffers, as a CUDA graph would (here: by running it again)."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+class FakeGraphs:
+    """graphed.CudaGraphs' methods, on a CPU: records the capture plan."""
+
+    def __init__(self):
+        self.log = []
+
+    def available(self, device):
+        return True
+
+    def run_on_side_stream(self, device, fn):
+        self.log.append("warm-up")
+        fn()
+
+    def capture(self, device, fn):
+        self.log.append("capture")
+        out = fn()
+        return FakeGraph(fn, out), out
+
+    def synchronize(self, device):
+        pass
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    fake = FakeGraphs()
+    monkeypatch.setattr(GraphedStaticGenerator, "graphs", fake)
+    return fake
+
+
+@pytest.mark.parametrize("cls", [StaticGenerator, GraphedStaticGenerator], ids=["static", "graphed-fake"])
+def test_one_slot_for_all_rows_breaks_rows_at_different_lengths(bundled, cls, fake_graphs):
+    """Two rows prefilled alone at different lengths, then decoded together: each row's tokens as if alone."""
+    _, tok, ours = bundled
+    prompts = [tok(p, return_tensors="pt").input_ids for p in ["ROMEO:", "The red cat was sitting on the"]]
+    assert prompts[0].shape[1] != prompts[1].shape[1]
+    n = 30
+    gen = cls(ours)
+    gen.setup_caches(2, prompts[1].shape[1] + n)
+    token = torch.cat([gen.prefill_row(r, p).argmax(-1, keepdim=True) for r, p in enumerate(prompts)])  # (2, 1)
+    new = [token]
+    for _ in range(n - 1):
+        token = gen.decode_one_token(token).argmax(-1, keepdim=True)
+        new.append(token)
+    new = torch.cat(new, dim=1)  # (2, N)
+    for r, p in enumerate(prompts):
+        assert torch.equal(new[r], generate(ours, p, n)[0, p.shape[1]:]), f"row {r} differs from the row alone"
+    assert gen.state.slot.tolist() == [p.shape[1] + n - 1 for p in prompts]
+
+
+def test_static_decode_past_capacity_corrupts_memory(bundled):
+    """One slot too many: a clear CacheOverflowError naming the capacity, and nothing written or advanced."""
+    _, tok, ours = bundled
+    gen = StaticGenerator(ours)
+    gen.setup_caches(1, 8)
+    ids = tok("ROMEO:", return_tensors="pt").input_ids  # 5 tokens: slots 5, 6, 7 left
+    token = gen.prefill_row(0, ids).argmax(-1, keepdim=True)
+    for _ in range(3):
+        token = gen.decode_one_token(token).argmax(-1, keepdim=True)
+    keys, slot = gen.k_cache.clone(), gen.state.slot.clone()
+    with pytest.raises(CacheOverflowError, match="max_seq_len=8"):
+        gen.decode_one_token(token)
+    assert torch.equal(gen.k_cache, keys) and torch.equal(gen.state.slot, slot)
+
+
+# ---- the CUDA graph's capture plan, checked with a fake on the CPU -----------------------------------------
+def test_first_timed_call_regrows_the_cache_and_captures_again(bundled, fake_graphs):
+    """warmup(b, t, n) must size the cache for n new tokens: the timed generate(ids, n) then reuses cache and graph."""
+    _, tok, ours = bundled
+    ids = tok("ROMEO:", return_tensors="pt").input_ids
+    gen = GraphedStaticGenerator(ours)
+    gen.warmup(1, ids.shape[1], 40)
+    assert fake_graphs.log == ["warm-up", "warm-up", "capture"]
+    cache = gen.k_cache
+    assert torch.equal(gen.generate(ids, 40), generate(ours, ids, 40))
+    assert gen.k_cache is cache, "the first timed call reallocated the cache"
+    assert fake_graphs.log.count("capture") == 1, "the first timed call captured the graph again"
+
+    fresh = GraphedStaticGenerator(ours)  # no warmup(): generate() warms up with its own sizes
+    fresh.generate(ids, 40)
+    fresh.generate(ids, 40)
+    assert fake_graphs.log.count("capture") == 2, "generate() captured more than once for one size"
+
+
+def test_capture_seconds_include_the_compilation(bundled, fake_graphs, monkeypatch):
+    """The first run of a compiled step is its compilation: timed as compile_seconds, not as capture."""
+    _, tok, ours = bundled
+    clock = [0.0]
+    monkeypatch.setattr(graphed, "_clock", lambda: clock[0])
+    gen = GraphedStaticGenerator(ours)
+    gen.compiled = True  # as if compiled: the first run of the step is slow (100 s on the fake clock)
+    real, runs = gen._step, []
+
+    def step(*args):
+        runs.append(1)
+        clock[0] += 100.0 if len(runs) == 1 else 1.0
+        return real(*args)
+
+    gen._step = step
+    gen.warmup(1, 5, 10)
+    assert (gen.compile_seconds, gen.capture_seconds, gen.compile_capture_seconds) == (100.0, 2.0, 102.0)
+
+
+def test_graph_replays_a_stale_token(bundled, fake_graphs):
+    """Each replay must read the token, slots and mask of this step: same tokens as the eager static step."""
+    _, tok, ours = bundled
+    ids, mask = padded_prompts(tok)
+    gen = GraphedStaticGenerator(ours)
+    assert torch.equal(gen.generate(ids, 25, attention_mask=mask),
+                       StaticGenerator(ours).generate(ids, 25, attention_mask=mask))
