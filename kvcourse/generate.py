@@ -29,8 +29,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .cache import KVCache
+from .cache import CacheOverflowError, KVCache
 from .llama import Llama, check_attention_mask
+from .window import check_window_cache
 
 
 def check_generate_args(input_ids, max_new_tokens, device: torch.device | None = None) -> None:
@@ -110,6 +111,9 @@ def check_left_padded(attention_mask: torch.Tensor) -> None:
     With padding on the right the next token would follow a pad, not the prompt (``transformers`` warns
     "A decoder-only architecture is being used, but right-padding was detected!"; the course refuses).
     """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be a (batch, seq) tensor of 0/1, got {got}")
     if not attention_mask.bool()[:, -1].all():
         rows = (~attention_mask.bool()[:, -1]).nonzero().flatten().tolist()
         raise ValueError(f"attention_mask ends in padding in rows {rows}: pad on the left for generation "
@@ -149,11 +153,43 @@ def _model_device(model) -> torch.device | None:
     return dev if isinstance(dev, torch.device) else None
 
 
+def _check_ids_in_vocab(input_ids: torch.Tensor, vocab_size: int | None) -> None:
+    if vocab_size is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids must be token ids in 0..{vocab_size - 1} (the model's vocab_size), got ids "
+                         f"from {int(input_ids.min())} to {int(input_ids.max())}")
+
+
+def _cache_dtype(cache) -> torch.dtype | None:
+    dtype = getattr(cache, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    keys = getattr(cache, "keys", None)
+    first = keys[0] if isinstance(keys, list) and keys else None
+    return first.dtype if isinstance(first, torch.Tensor) else None
+
+
+def check_model_inputs(model, input_ids: torch.Tensor, cache=None) -> None:
+    """What ``prefill``, ``decode_one_token`` and ``generate`` check before the first forward pass, so that a refused
+    call leaves the cache as it was: input_ids a (B, T) long tensor on the model's device with ids below its
+    ``vocab_size``; a cache in the model's dtype; a ``SlidingWindowCache`` only for a model with a sliding window
+    no larger than the ring (``kvcourse.window.check_window_cache``)."""
+    check_generate_args(input_ids, 0, _model_device(model))
+    _check_ids_in_vocab(input_ids, _vocab_size(model))
+    if cache is None:
+        return
+    dtype, model_dtype = _cache_dtype(cache), getattr(model, "dtype", None)
+    if isinstance(model_dtype, torch.dtype) and dtype is not None and dtype != model_dtype:
+        raise ValueError(f"the cache holds {dtype} but the model computes in {model_dtype}: allocate the cache "
+                         f"with the model's dtype, e.g. KVCache.for_model(model, ...)")
+    check_window_cache(model, cache)
+
+
 @torch.inference_mode()
 def generate_uncached(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """(B, T) -> (B, T + max_new_tokens), recomputing the full forward pass each step."""
     model = as_llama(model)
     check_generate_args(input_ids, max_new_tokens, _model_device(model))
+    _check_ids_in_vocab(input_ids, _vocab_size(model))
     if max_new_tokens == 0:
         return input_ids.clone()
     ids = input_ids
@@ -171,6 +207,7 @@ def prefill(model, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor 
     attention_mask: ``None`` or (B, T) of 0/1 for a left-padded prompt batch.
     """
     _refuse_transformers_model(model, "prefill")
+    check_model_inputs(model, input_ids, cache)
     if attention_mask is None:
         return model(input_ids, cache, last_only=True)[:, -1]
     return model(input_ids, cache, attention_mask=attention_mask, last_only=True)[:, -1]
@@ -183,6 +220,7 @@ def decode_one_token(model, token: torch.Tensor, cache, attention_mask: torch.Te
     attention_mask: ``None`` or (B, cached + 1) of 0/1, the padded batch's mask including this token.
     """
     _refuse_transformers_model(model, "decode_one_token")
+    check_model_inputs(model, token, cache)
     if attention_mask is None:
         return model(token, cache, last_only=True)[:, -1]
     return model(token, cache, attention_mask=attention_mask, last_only=True)[:, -1]
@@ -209,9 +247,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, cache=None, *,
         check_attention_mask(attention_mask, b, t, input_ids.device)
         check_left_padded(attention_mask)
     vocab_size = _vocab_size(model)
-    if vocab_size is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
-        raise ValueError(f"input_ids must be token ids in 0..{vocab_size - 1} (the model's vocab_size), got ids "
-                         f"from {int(input_ids.min())} to {int(input_ids.max())}")
+    check_model_inputs(model, input_ids, cache)
     eos = normalize_eos(eos_token_id, vocab_size, input_ids.device)
     if eos is not None:
         if pad_token_id is None:
@@ -223,6 +259,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, cache=None, *,
     if cache is None:
         cache = KVCache.for_model(model, b, t + max_new_tokens)
     else:
+        capacity = getattr(cache, "max_seq_len", None)
+        if isinstance(capacity, int) and capacity < t + max_new_tokens - 1:  # the last token is never written
+            raise CacheOverflowError(f"the cache holds max_seq_len={capacity} tokens, but a prompt of {t} and "
+                                     f"{max_new_tokens} new tokens need {t + max_new_tokens - 1}: allocate a larger one")
         cache.reset()
     mask = attention_mask
     finished = torch.zeros(b, 1, dtype=torch.bool, device=input_ids.device)  # (B, 1)

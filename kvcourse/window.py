@@ -24,13 +24,65 @@ import torch
 from .cache import _check_kv, _check_same_kind
 
 
+def model_window(model) -> int | None:
+    """The sliding window a model attends with (``Llama.args.sliding_window``, or a ``transformers`` Mistral's
+    ``config.sliding_window``), ``None`` for a model that attends to every past token (Llama)."""
+    a = getattr(model, "args", None)
+    if a is not None and hasattr(a, "sliding_window"):
+        return a.sliding_window
+    c = getattr(model, "config", None)
+    return getattr(c, "sliding_window", None) if getattr(c, "model_type", None) == "mistral" else None
+
+
+def check_window_fits(model, window: int | None) -> None:
+    """Refuse a ring of ``window`` slots for ``model`` unless the model attends with a sliding window <= ``window``.
+
+    - No window (Llama): the prefill would attend to the whole prompt and each decode step only to the ring, so
+      the output would be neither the model's nor a windowed model's.
+    - A ring smaller than the model's ``sliding_window``: it drops keys the model's mask still attends to.
+    A ring larger than the window is fine: the mask hides what the model would not see.
+    """
+    w = model_window(model)
+    given = "" if window is None else f"(window={window})"
+    if w is None:
+        raise ValueError(
+            f"SlidingWindowCache{given} needs a model that attends with a sliding window (Mistral's "
+            f"config.sliding_window); this {type(model).__name__} has sliding_window=None and attends to every past "
+            f"token, so a ring that drops old keys would make the prefill and the decode steps disagree with it. "
+            f"Use KVCache, which keeps every token"
+        )
+    if window < w:
+        raise ValueError(
+            f"SlidingWindowCache(window={window}) is smaller than the model's sliding_window={w}: the ring would drop "
+            f"keys the model's mask still attends to; use window >= {w} (SlidingWindowCache.for_model's default)"
+        )
+
+
+def check_window_cache(model, cache) -> None:
+    """``check_window_fits(model, cache.window)`` if ``cache`` is a ``SlidingWindowCache``; nothing otherwise.
+
+    For ``generate``/``prefill``/``decode_one_token`` (and any runner that knows both the model and the cache)."""
+    if isinstance(cache, SlidingWindowCache):
+        check_window_fits(model, cache.window)
+
+
+def _check_count(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 class SlidingWindowCache:
-    """Ring buffers of ``window`` slots per layer; ``update`` returns the window in time order."""
+    """Ring buffers of ``window`` slots per layer; ``update`` returns the window in time order.
+
+    Built directly, it does not know the model; ``generate``, ``prefill`` and ``decode_one_token`` check it
+    against the model's ``sliding_window`` (``check_window_cache``), and ``for_model`` sizes it from it.
+    """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, window: int,
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if min(num_layers, batch_size, num_kv_heads, head_dim, window) <= 0:
-            raise ValueError("num_layers, batch_size, num_kv_heads, head_dim and window must all be positive")
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("window", window)):
+            _check_count(name, value)
         shape = (batch_size, num_kv_heads, window, head_dim)  # (B, KV, W, D): the ring
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -39,21 +91,30 @@ class SlidingWindowCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, window: int | None = None, **kw) -> SlidingWindowCache:
-        """Size a cache for a ``kvcourse.llama.Llama`` (or a ``transformers`` Mistral): its own window by default."""
+        """Size a cache for a ``kvcourse.llama.Llama`` (or a ``transformers`` Mistral): its own window by default.
+
+        ``window`` may be larger than the model's ``sliding_window`` (wasted slots), never smaller, and a model
+        without a sliding window is refused (``check_window_fits``)."""
         a = getattr(model, "args", None)
         if a is not None:
-            layers, kv, d, w = a.num_layers, a.num_kv_heads, a.head_dim, a.sliding_window
+            layers, kv, d = a.num_layers, a.num_kv_heads, a.head_dim
         else:
             c = model.config
-            layers, kv, w = c.num_hidden_layers, c.num_key_value_heads, getattr(c, "sliding_window", None)
+            layers, kv = c.num_hidden_layers, c.num_key_value_heads
             d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        window = window or w
-        if not window:
-            raise ValueError("this model has no sliding_window in its config: pass window=")
+        if window is None:
+            window = model_window(model)
+        if window is not None:
+            _check_count("window", window)
+        check_window_fits(model, window)
         p = next(model.parameters())
         kw.setdefault("dtype", p.dtype)
         kw.setdefault("device", p.device)
         return cls(layers, batch_size, kv, d, window, **kw)
+
+    def _check_layer(self, layer_idx) -> None:
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"layer_idx {layer_idx!r} out of range: this cache has {self.num_layers} layers")
 
     def _slots(self, start: int, stop: int) -> torch.Tensor:
         """Ring slots of positions start..stop-1."""
@@ -66,7 +127,7 @@ class SlidingWindowCache:
         if key.shape[0] != ring_k.shape[0] or key.shape[1] != ring_k.shape[1] or key.shape[3] != ring_k.shape[3]:
             raise ValueError(f"key {tuple(key.shape)} does not fit this cache's (batch, kv_heads, seq, head_dim) = "
                              f"{tuple(ring_k.shape[:2])} + (seq, {ring_k.shape[3]})")
-        _check_same_kind(key, ring_k, layer_idx)
+        _check_same_kind(key, ring_k, layer_idx)  # a silent cast would hide a model/cache dtype mismatch
         seen, t = self.lengths[layer_idx], key.shape[2]
         kept = min(seen, self.window - 1)
         past = self._slots(seen - kept, seen)  # (kept,): the slots of the latest kept positions, oldest first
@@ -85,12 +146,16 @@ class SlidingWindowCache:
         Called before ``update``: the model cuts its mask, built over positions 0..seen+q_len-1, to these.
         Like ``transformers``' ``get_mask_sizes`` for its sliding-window layer.
         """
+        if isinstance(q_len, bool) or not isinstance(q_len, int) or q_len < 1:
+            raise ValueError(f"q_len must be an int >= 1 (the new tokens), got {q_len!r}")
+        self._check_layer(layer_idx)
         seen = self.lengths[layer_idx]
         kept = min(seen, self.window - 1)
         return kept + q_len, seen - kept
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (the position of the next one), not the number kept."""
+        self._check_layer(layer_idx)
         return self.lengths[layer_idx]
 
     def reset(self) -> None:

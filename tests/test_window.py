@@ -11,7 +11,7 @@ from transformers import MistralConfig, MistralForCausalLM
 from kvcourse import KVCache, Llama, SlidingWindowCache
 from kvcourse.batching import pad_prompts
 from kvcourse.fast import FastGenerator
-from kvcourse.generate import generate
+from kvcourse.generate import decode_one_token, generate, prefill
 
 
 def tiny_mistral(window: int, kv_heads: int = 2, seed: int = 0) -> MistralForCausalLM:
@@ -91,10 +91,60 @@ def test_long_prompt_overruns_the_ring():
 
 
 def test_window_cache_for_a_model_without_a_window():
+    """Issue 22 §1.5: a ring on a model without a window gives neither model (the prefill sees the whole prompt,
+    each decode step only the ring). for_model refused only without window=, and its message suggested window=."""
     hf = tiny_mistral(window=4)
     hf.config.sliding_window = None
-    with pytest.raises(ValueError, match="no sliding_window"):
-        SlidingWindowCache.for_model(Llama.from_hf(hf), batch_size=1)
+    ours = Llama.from_hf(hf)
+    for kw in ({}, {"window": 4}):
+        with pytest.raises(ValueError, match="sliding_window=None") as err:
+            SlidingWindowCache.for_model(ours, batch_size=1, **kw)
+        assert "pass window=" not in str(err.value) and "KVCache" in str(err.value)
+    ring = SlidingWindowCache(2, 1, 2, 16, window=4)  # built directly: generate knows the model
+    with pytest.raises(ValueError, match="sliding_window=None"):
+        generate(ours, ids_of(6), 3, cache=ring)
+    with pytest.raises(ValueError, match="sliding_window=None"):
+        prefill(ours, ids_of(6), ring)
+    assert ring.get_seq_length() == 0, "a refused call must leave the cache empty"
+
+
+def test_window_smaller_than_the_models_drops_attended_keys():
+    """Issue 22 §1.4: a ring of 3 slots for a model with sliding_window=5 drops keys the mask still attends to."""
+    hf = tiny_mistral(window=5)
+    ours = Llama.from_hf(hf)
+    with pytest.raises(ValueError, match="smaller than the model's sliding_window=5"):
+        SlidingWindowCache.for_model(ours, batch_size=1, window=3)
+    small = SlidingWindowCache(2, 1, 2, 16, window=3)
+    with pytest.raises(ValueError, match="window >= 5"):
+        generate(ours, ids_of(7), 4, cache=small)
+    with pytest.raises(ValueError, match="window >= 5"):
+        decode_one_token(ours, ids_of(1), small)
+    assert small.get_seq_length() == 0
+    larger = SlidingWindowCache.for_model(ours, batch_size=1, window=8)  # more slots than needed: same tokens
+    assert torch.equal(generate(ours, ids_of(7), 12, cache=larger), generate(ours, ids_of(7), 12))
+
+
+@pytest.mark.parametrize("kw,named", [({"window": 0}, "window"), ({"window": 2.5}, "2.5"), ({"window": True}, "True"),
+                                      ({"batch_size": -1}, "batch_size")])
+def test_degenerate_ring_sizes_accepted(kw, named):
+    args = {"num_layers": 1, "batch_size": 1, "num_kv_heads": 2, "head_dim": 8, "window": 4} | kw
+    with pytest.raises(ValueError, match=named):
+        SlidingWindowCache(**args)
+
+
+def test_ring_broadcasts_or_casts_bad_keys():
+    ring = SlidingWindowCache(2, 1, 2, 8, window=4)
+    ring.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), 0)
+    for k in (torch.randn(3, 2, 1, 8), torch.randn(1, 2, 1, 4)):  # batch, head_dim
+        with pytest.raises(ValueError, match="does not fit"):
+            ring.update(k, k, 0)
+    with pytest.raises(ValueError, match="float64"):
+        ring.update(torch.randn(1, 2, 1, 8, dtype=torch.float64), torch.randn(1, 2, 1, 8, dtype=torch.float64), 0)
+    with pytest.raises(ValueError, match="q_len"):
+        ring.window_slots(-1)
+    with pytest.raises(IndexError, match="2 layers"):
+        ring.get_seq_length(5)
+    assert ring.lengths == [3, 0]
 
 
 def test_fast_path_ignores_the_window():
