@@ -2,9 +2,10 @@
 blocks, a block table per sequence, reference counts, and copy on write for shared prefixes.
 
 A dense cache reserves ``max_seq_len`` slots per request up front. Kwon et al. 2023 ("Efficient Memory
-Management for Large Language Model Serving with PagedAttention", SOSP; arXiv:2309.06180) measured
-that the systems before vLLM kept only 20.4-38.2 % of their reserved KV-cache memory holding real
-tokens. Paging reserves memory a block at a time instead:
+Management for Large Language Model Serving with PagedAttention", SOSP; arXiv:2309.06180, section 1 and
+Fig. 2) found that only 20.4-38.2 % of the reserved KV-cache memory held real tokens in their own
+reimplementation of Orca (not public; section 6.1, "Baseline 2") with three reservation policies: Max,
+Pow2 and Oracle. Paging reserves memory a block at a time instead:
 
 - the pool holds ``num_blocks`` blocks of ``block_size`` token slots per layer, ``(N, KV, block_size, D)``;
 - each sequence has a block table, the list of its blocks in order: token ``p`` of a sequence lives in
@@ -19,13 +20,31 @@ tokens. Paging reserves memory a block at a time instead:
 order, ``(B, KV, length, D)``, so the course's ``Llama`` runs on it unchanged; the rows of one call
 (``set_batch``) must have the same length. A real engine reads the blocks inside its attention kernel
 instead of gathering them into a copy.
+
+Contracts, so that no call can corrupt a sequence silently:
+
+- Lengths are kept per layer and per sequence, as ``KVCache`` keeps them per layer: ``update`` on a layer
+  appends after what that layer holds, whatever order the layers come in. A second ``update`` of one layer
+  in one step appends again (as ``KVCache`` does); ``lengths[seq]`` is the number of positions whose slots are
+  reserved, the most any layer holds.
+- A step is all or nothing: blocks are reserved for every row before anything is written, and if the pool
+  runs out on any row, every row's books are restored and the ``CacheOverflowError`` says so. Free a sequence
+  and retry: the retried step computes what it would have.
+- Bad input (an unknown or freed id, a duplicate, a wrong shape or dtype) raises before anything changes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .cache import CacheOverflowError, _check_kv
+from .cache import CacheOverflowError, _check_kv, _check_same_kind
+
+
+class UnknownSequenceError(KeyError):
+    """A sequence id that this cache does not hold (never added, or already freed)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
 
 
 class PagedKVCache:
@@ -33,21 +52,33 @@ class PagedKVCache:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if min(num_layers, num_kv_heads, head_dim, num_blocks, block_size) <= 0:
-            raise ValueError("num_layers, num_kv_heads, head_dim, num_blocks and block_size must all be positive")
+        for name, n in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                        ("num_blocks", num_blocks), ("block_size", block_size)):
+            _check_count(name, n, 1)
         shape = (num_blocks, num_kv_heads, block_size, head_dim)  # (N, KV, block_size, D)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.num_layers, self.block_size, self.num_blocks = num_layers, block_size, num_blocks
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.block_size, self.num_blocks = block_size, num_blocks
         self.reset()
 
     @classmethod
     def for_model(cls, model, *, num_blocks: int, block_size: int = 16, **kw) -> PagedKVCache:
-        a = model.args
+        """Size the pool for a ``kvcourse.llama.Llama`` or a ``transformers`` Llama (as ``KVCache.for_model``)."""
+        a = getattr(model, "args", None)
+        if a is not None:
+            layers, kv, d = a.num_layers, a.num_kv_heads, a.head_dim
+        elif getattr(model, "config", None) is not None:
+            c = model.config
+            layers, kv = c.num_hidden_layers, c.num_key_value_heads
+            d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        else:
+            raise TypeError(f"for_model takes a kvcourse Llama (with .args) or a transformers model (with .config), "
+                            f"got {type(model).__name__}")
         p = next(model.parameters())
         kw.setdefault("dtype", p.dtype)
         kw.setdefault("device", p.device)
-        return cls(a.num_layers, a.num_kv_heads, a.head_dim, num_blocks=num_blocks, block_size=block_size, **kw)
+        return cls(layers, kv, d, num_blocks=num_blocks, block_size=block_size, **kw)
 
     # ---- bookkeeping --------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -55,37 +86,79 @@ class PagedKVCache:
         self.refcount = [0] * self.num_blocks
         self.free_blocks = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out block 0 first
         self.tables: dict[object, list[int]] = {}
-        self.lengths: dict[object, int] = {}
+        self.lengths: dict[object, int] = {}  # positions with a reserved slot: the most any layer holds
+        self.layer_lengths: dict[object, list[int]] = {}  # tokens written, per layer
         self.batch: list[object] = []
+        self.freed: set = set()  # ids freed since the last reset: set_batch does not bring them back silently
+        self._version = 0  # bumped whenever a block table may change: the cached slot indices are then stale
+        self._index: tuple | None = None  # (key, write blocks, write slots, read blocks, read slots) of this step
+
+    def _known(self, seq_id, what: str) -> None:
+        if seq_id not in self.tables:
+            state = "was freed" if seq_id in self.freed else "was never added"
+            raise UnknownSequenceError(f"{what}: sequence {seq_id!r} {state}; this cache holds "
+                                       f"{sorted(map(repr, self.tables))}")
 
     def add_sequence(self, seq_id) -> None:
+        """Register an empty sequence (also one whose id was freed before: it starts again from nothing)."""
+        hash(seq_id)  # an unhashable id fails here, before anything changes
         if seq_id in self.tables:
-            raise ValueError(f"sequence {seq_id!r} already exists")
+            raise ValueError(f"sequence {seq_id!r} already exists; free it first or pick another id")
         self.tables[seq_id], self.lengths[seq_id] = [], 0
+        self.layer_lengths[seq_id] = [0] * self.num_layers
+        self.freed.discard(seq_id)
+        self._version += 1
 
     def fork(self, parent, child) -> None:
         """The child shares every block of the parent (one more reference each); nothing is copied yet."""
+        self._known(parent, "fork")
+        if child in self.tables:
+            raise ValueError(f"fork({parent!r}, {child!r}): sequence {child!r} already exists")
+        if len(set(self.layer_lengths[parent])) > 1:  # a block shared mid-step would be written without a copy
+            raise ValueError(f"fork({parent!r}, {child!r}) in the middle of a step: the parent's layers hold "
+                             f"{self.layer_lengths[parent]} tokens; fork after every layer has been updated")
         self.add_sequence(child)
         self.tables[child] = list(self.tables[parent])
         self.lengths[child] = self.lengths[parent]
+        self.layer_lengths[child] = list(self.layer_lengths[parent])
         for block in self.tables[child]:
             self.refcount[block] += 1
 
     def free(self, seq_id) -> None:
         """Drop a sequence: each of its blocks loses a reference, and goes back to the pool at zero."""
+        self._known(seq_id, "free")
         for block in self.tables.pop(seq_id):
             self.refcount[block] -= 1
             if self.refcount[block] == 0:
                 self.free_blocks.append(block)
         del self.lengths[seq_id]
+        self.layer_lengths.pop(seq_id, None)
+        self.freed.add(seq_id)
         self.batch = [s for s in self.batch if s != seq_id]
+        self._version += 1
 
     def set_batch(self, seq_ids: list) -> None:
-        """The sequences that the rows of the next ``update`` calls belong to, in row order."""
+        """The sequences that the rows of the next ``update`` calls belong to, in row order.
+
+        An id not seen before is added as an empty sequence (a new request); an id that was freed is refused,
+        since its cache is gone: ``add_sequence`` it again to start it from nothing.
+        """
+        if isinstance(seq_ids, (str, bytes)) or not hasattr(seq_ids, "__iter__"):
+            raise TypeError(f"set_batch takes a list of sequence ids, got {seq_ids!r}")
+        seq_ids = list(seq_ids)
+        for s in seq_ids:
+            hash(s)
+        repeated = sorted({repr(s) for s in seq_ids if seq_ids.count(s) > 1})
+        if repeated:
+            raise ValueError(f"set_batch got the same sequence twice: {', '.join(repeated)} in {seq_ids!r}")
+        gone = [s for s in seq_ids if s in self.freed and s not in self.tables]
+        if gone:
+            raise UnknownSequenceError(f"set_batch: sequence(s) {', '.join(map(repr, gone))} were freed and their "
+                                       f"cache is gone; add_sequence(id) starts one again from nothing")
         for s in seq_ids:
             if s not in self.tables:
                 self.add_sequence(s)
-        self.batch = list(seq_ids)
+        self.batch = seq_ids
 
     def _allocate(self) -> int:
         if not self.free_blocks:
@@ -93,6 +166,7 @@ class PagedKVCache:
                                      f"use; free a finished sequence or allocate more blocks")
         block = self.free_blocks.pop()
         self.refcount[block] = 1
+        self._version += 1
         return block
 
     def _reserve(self, seq_id, t: int) -> None:
@@ -108,42 +182,77 @@ class PagedKVCache:
         while len(table) * self.block_size < length + t:
             table.append(self._allocate())
 
-    def _slots(self, seq_id, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, slot) index tensors of positions start..stop-1 of seq_id, through its block table."""
-        pos = torch.arange(start, stop)
-        table = torch.tensor(self.tables[seq_id], dtype=torch.long)
-        return table[pos // self.block_size], pos % self.block_size
+    def _reserve_all(self, batch: list, end: int) -> None:
+        """Reserve slots up to position ``end`` for every sequence of the batch, or for none of them."""
+        short = [s for s in batch if self.lengths[s] < end]
+        if not short:
+            return
+        saved = ({s: list(self.tables[s]) for s in short}, {s: self.lengths[s] for s in short},
+                 list(self.refcount), list(self.free_blocks))
+        try:
+            for s in short:
+                self._reserve(s, end - self.lengths[s])
+                self.lengths[s] = end
+        except CacheOverflowError as e:  # put every row's books back: a failed step changes nothing
+            tables, lengths, self.refcount, self.free_blocks = saved
+            self.tables.update(tables)
+            self.lengths.update(lengths)
+            self._version += 1
+            raise CacheOverflowError(f"{e} (this step over {batch!r} needed blocks for {len(short)} sequence(s) "
+                                     f"and changed nothing: retry it after freeing)") from None
+
+    def _slot_index(self, batch: list, start: int, t: int, device) -> tuple[torch.Tensor, ...]:
+        """(write blocks, write slots, read blocks, read slots), each (B, t) or (B, start + t), on ``device``.
+
+        Built once per step (one host-to-device copy of the block tables) and reused by every layer whose
+        write starts at the same position, until a block table changes.
+        """
+        key = (self._version, tuple(batch), start, t, str(device))
+        if self._index is None or self._index[0] != key:
+            width = -(-(start + t) // self.block_size)
+            rows = [self.tables[s][:width] for s in batch]
+            table = torch.tensor(rows, dtype=torch.long).to(device)  # (B, blocks): one copy per step
+            pos = torch.arange(start + t, device=device)  # (L,)
+            blocks = table[:, pos // self.block_size]  # (B, L): token p lives in block table[p // block_size]
+            slots = (pos % self.block_size).expand(len(batch), -1)  # (B, L): at slot p % block_size
+            self._index = (key, blocks[:, start:], slots[:, start:], blocks, slots)
+        return self._index[1:]
 
     # ---- the Cache API ------------------------------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Append key/value (B, KV, T, D), row b to sequence ``batch[b]``; return each row's (B, KV, length, D)."""
         _check_kv(key, value, layer_idx, self.num_layers)
-        if not self.batch:  # nothing named (e.g. after reset() in generate): rows are sequences 0..B-1
-            self.set_batch(list(range(key.shape[0])))
-        if len(self.batch) != key.shape[0]:
-            raise ValueError(f"update got {key.shape[0]} rows but set_batch named {len(self.batch)} sequences")
-        t = key.shape[2]
-        out_k, out_v = [], []
-        for row, seq in enumerate(self.batch):
-            start = self.lengths[seq] if layer_idx == 0 else self.lengths[seq] - t  # layer 0 advances the length
-            if layer_idx == 0:
-                self._reserve(seq, t)
-                self.lengths[seq] += t
-            blocks, slots = self._slots(seq, start, start + t)
-            dev = key.device
-            # (KV, T, D) rows written at (block, slot): advanced indexing puts the T axis first
-            self.keys[layer_idx][blocks.to(dev), :, slots.to(dev)] = key[row].transpose(0, 1)
-            self.values[layer_idx][blocks.to(dev), :, slots.to(dev)] = value[row].transpose(0, 1)
-            blocks, slots = self._slots(seq, 0, start + t)  # the whole sequence, in time order
-            out_k.append(self.keys[layer_idx][blocks.to(dev), :, slots.to(dev)].transpose(0, 1))  # (KV, len, D)
-            out_v.append(self.values[layer_idx][blocks.to(dev), :, slots.to(dev)].transpose(0, 1))
-        if len({k.shape[1] for k in out_k}) > 1:
-            raise ValueError(f"the rows of one call must have the same length, got {[k.shape[1] for k in out_k]}")
-        return torch.stack(out_k), torch.stack(out_v)  # (B, KV, length, D)
+        b, kv, t, d = key.shape
+        if (kv, d) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"key {tuple(key.shape)} does not fit this cache's (batch, kv_heads, seq, head_dim) = "
+                             f"(batch, {self.num_kv_heads}, seq, {self.head_dim})")
+        _check_same_kind(key, self.keys[layer_idx], layer_idx)
+        batch = self.batch or list(range(b))  # nothing named (e.g. after reset() in generate): rows 0..B-1
+        if len(batch) != b:
+            raise ValueError(f"update got {b} rows but set_batch named {len(batch)} sequences: {batch!r}")
+        if not self.batch:
+            self.set_batch(batch)
+        starts = [self.layer_lengths[s][layer_idx] for s in batch]
+        if len(set(starts)) > 1:
+            raise ValueError(f"the rows of one call must have the same length; layer {layer_idx} holds {starts} "
+                             f"tokens for {batch!r}")
+        start = starts[0]
+        self._reserve_all(batch, start + t)  # every row's slots, or none: only then write
+        wb, ws, rb, rs = self._slot_index(batch, start, t, key.device)
+        # advanced indices (B, T) on either side of a slice: the indexed pool is (B, T, KV, D)
+        self.keys[layer_idx][wb, :, ws] = key.transpose(1, 2)
+        self.values[layer_idx][wb, :, ws] = value.transpose(1, 2)
+        for s in batch:
+            self.layer_lengths[s][layer_idx] = start + t
+        k = self.keys[layer_idx][rb, :, rs].transpose(1, 2)  # (B, L, KV, D) -> (B, KV, L, D), in time order
+        v = self.values[layer_idx][rb, :, rs].transpose(1, 2)
+        return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens of the batch's sequences (all equal); 0 before anything is written."""
-        return self.lengths[self.batch[0]] if self.batch else 0
+        """Tokens that layer ``layer_idx`` holds for the batch's sequences (all equal); 0 before anything."""
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"layer_idx must be an int in 0..{self.num_layers - 1}, got {layer_idx!r}")
+        return self.layer_lengths[self.batch[0]][layer_idx] if self.batch else 0
 
     def blocks_in_use(self) -> int:
         return self.num_blocks - len(self.free_blocks)
