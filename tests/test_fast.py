@@ -245,3 +245,14 @@ def test_other_model_gives_a_raw_attribute_error():
     """Neither the course's Llama nor a transformers model: named, not an AttributeError from inside."""
     with pytest.raises(TypeError, match="takes the course's Llama or a transformers LlamaForCausalLM, got Linear"):
         FastGenerator(torch.nn.Linear(4, 4))
+
+
+def test_bench_prints_compile_and_capture_twice_or_not_at_all():
+    """The bench's notes: one "compile + capture" figure, its parts each counted once."""
+    from kvcourse.bench.report import _setup_notes
+
+    assert _setup_notes({"compile_s": 16.0, "capture_s": 0.5, "compiled": True}) == [
+        "compile + capture 16.50 s (compile 16.00 s, capture 500 ms)"]
+    assert _setup_notes({"capture_s": 0.25}) == ["graph capture 250 ms"]
+    assert _setup_notes({"compile_s": 2.0, "compiled": False}) == ["compile 2.00 s (compile failed: eager)"]
+    assert _setup_notes({}) == []
