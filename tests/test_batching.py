@@ -121,6 +121,23 @@ def test_finished_rows_not_padded_or_loop_runs_on(bundled):
         assert (new[i, f + 1:] == 0).all(), f"row {i} went on generating after its EOS"
 
 
+def test_eos_list_ignored(bundled):
+    """Issue 22 §1.2: Llama 3.x Instruct's generation_config.eos_token_id is a list; generate ignored it. Any id of
+    the list ends a row, as transformers' EosTokenCriteria (torch.isin) does."""
+    hf, tok, ours = bundled
+    ids, mask = padded_prompts(tok)
+    eos = [tok("\n", add_special_tokens=False).input_ids[-1], tok(",", add_special_tokens=False).input_ids[-1]]
+    n = 60
+    expected = hf_greedy(hf, ids, mask, n, eos_token_id=eos)
+    for form in (eos, tuple(eos), torch.tensor(eos)):
+        got = generate(ours, ids, n, attention_mask=mask, eos_token_id=form, pad_token_id=0)
+        assert torch.equal(got, expected), type(form).__name__
+    new = expected[:, ids.shape[1]:]
+    hits = [torch.isin(new, torch.tensor([e])).any(dim=1) for e in eos]
+    assert hits[0].any() and hits[1].any(), "the test needs rows that stop at each of the two ids"
+    assert expected.shape[1] < ids.shape[1] + n, "the test needs every row to finish early"
+
+
 def test_prompt_ending_in_eos_finishes_the_row(bundled):
     """transformers checks EOS on generated tokens only: a prompt that ends in EOS still generates."""
     hf, tok, ours = bundled
