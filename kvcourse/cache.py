@@ -15,18 +15,22 @@ Both follow the API of ``transformers``' ``Cache`` (``update``, ``get_seq_length
 
 - ``StaticKVCache``: the same buffers, but ``update`` returns them *whole*, ``(B, KV, max_seq_len, D)``
   at every step, and the model masks the slots not yet written (``Llama.forward`` reads
-  ``static_shape`` and builds a mask of width ``max_seq_len``). Every decode step then sees the same
-  shapes, which is what a CUDA graph needs; the price is that attention reads the whole capacity.
+  ``static_shape`` and asks the cache for a mask of width ``max_seq_len``). Every decode step then
+  sees the same shapes, which a CUDA graph needs, but that is not enough: the write position and the
+  mask must come from tensors on the device, since a graph replays a Python-int slice as a fixed
+  storage offset. So the cache keeps its position as a tensor, writes with ``index_copy_`` at
+  ``cache_position``, and keeps a (B, S) bool slot mask updated in place.
 
-Static caches for CUDA graphs keep every shape fixed: they return the *whole* buffer and mask the
-positions not yet written. gpt-fast's ``KVCache.update`` returns
-``k_cache``/``v_cache`` entire, and its ``Transformer.forward`` masks with
+gpt-fast's ``KVCache.update`` takes ``input_pos``, a tensor, writes ``k_out[:, :, input_pos] = k_val``
+and returns ``k_cache``/``v_cache`` entire; its ``Transformer.forward`` masks with
 ``causal_mask[None, None, input_pos]``, a row of length ``max_seq_length`` (pytorch-labs/gpt-fast,
-``model.py``); ``transformers``' ``StaticLayer.update`` also returns its full buffers, and its
-``get_mask_sizes`` gives a mask of length ``max_cache_len`` (``transformers/cache_utils.py``).
-Attention then reads the whole capacity every step, empty slots included. ``KVCache`` hands
-attention only the filled part, the same tensors ``transformers``' ``DynamicCache`` would, so
-attention computes exactly what it computes there (the course compares tokens for equality).
+``model.py``). ``transformers``' ``StaticLayer.update`` keeps ``cumulative_length`` as a tensor ("to
+avoid recompiling"), writes with ``index_copy_(2, cache_position, ...)`` and returns its full buffers;
+its ``get_mask_sizes`` gives a mask of length ``max_cache_len`` (``transformers/cache_utils.py``, 5.25).
+With a dense mask attention then reads the whole capacity every step, empty slots included (kernels
+that take each row's length skip them). ``KVCache`` hands attention only the filled part, the same
+tensors ``transformers``' ``DynamicCache`` would, so attention computes exactly what it computes there
+(the course compares tokens for equality).
 
 ``crop(n)`` keeps the first ``n`` tokens for ``n >= 0`` and drops the last ``-n`` for ``n < 0``
 (``transformers`` 5.x ``Cache.crop`` takes only the negative form, "remove that many"; 4.x took
@@ -203,18 +207,105 @@ class KVCache:
 
 
 class StaticKVCache(KVCache):
-    """``KVCache`` whose ``update`` returns the whole buffers, the same shape at every step.
+    """``KVCache`` whose ``update`` returns the whole buffers, the same shape at every step, with its position on the device.
 
-    The attention must mask the slots not yet written: ``Llama.forward`` does, reading
-    ``static_shape``, with a mask of width ``max_seq_len`` (keys after a query's own slot are
-    masked; the unwritten ones are all after it). This is the layout of gpt-fast's ``KVCache``
-    (``model.py``) and ``transformers``' ``StaticLayer``; the unwritten slots hold zeros (or an
-    earlier prompt's keys after ``reset()``): finite values, which a masked weight of exactly 0 removes.
+    Static shapes are necessary for a CUDA graph, not sufficient: a graph replays its kernels with the
+    arguments they were captured with, so a write at ``buf[:, :, start:end]`` with a Python ``start`` is
+    captured as a fixed storage offset, and every replay would write the same slot. Here nothing a decode
+    step reads is a Python number:
+
+    - ``position`` (num_layers,) long, on the cache's device, counts each layer's tokens; ``update`` writes
+      at ``cache_position = position[layer] + arange(T)`` with ``index_copy_`` and advances it in place
+      (``transformers``' ``StaticLayer.update`` keeps ``cumulative_length``, a tensor, and writes with
+      ``index_copy_(2, cache_position, key_states)``, ``transformers/cache_utils.py``; gpt-fast's
+      ``KVCache.update`` takes ``input_pos``, a tensor, and writes ``k_out[:, :, input_pos] = k_val``,
+      pytorch-labs/gpt-fast ``model.py``);
+    - ``slot_mask`` (B, S) bool marks the slots that hold a real token; ``mask`` updates it in place and
+      returns it ANDed with the causal part, ``slot <= cache_position``, as a (B, 1, T, S) mask.
+
+    The unwritten slots hold zeros (or an earlier prompt's keys after ``reset()``): finite values, which
+    a masked weight of exactly 0 removes. The capacity check reads the position back to the host, so it
+    runs in eager mode only (``torch.compiler.is_compiling()``): a compiled or captured step must be
+    given a cache large enough, as ``kvcourse.fast`` sizes its own.
     """
 
     static_shape = True
 
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.position = torch.zeros(max(num_layers, 0), dtype=torch.long, device=device)  # (L,): tokens per layer
+        super().__init__(num_layers, batch_size, num_kv_heads, head_dim, max_seq_len, dtype=dtype, device=device)
+        self.slot_mask = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # (B, S)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens held per layer, read back from the device (a host sync: not for a compiled step)."""
+        return self.position.tolist()
+
+    @lengths.setter
+    def lengths(self, held: list[int]) -> None:
+        self.position.copy_(torch.as_tensor(held, dtype=torch.long))  # in place: the same device tensor
+
+    def cache_position(self, num_tokens: int, layer_idx: int = 0) -> torch.Tensor:
+        """(T,) long on the cache's device: the slots the next ``num_tokens`` tokens of layer ``layer_idx`` go to.
+
+        In eager mode it refuses to pass the capacity (``CacheOverflowError`` naming both); while
+        ``torch.compile`` traces, that check, which reads the position back to the host, is skipped.
+        """
+        if not torch.compiler.is_compiling():
+            held = int(self.position[layer_idx])
+            if held + num_tokens > self.max_seq_len:
+                raise CacheOverflowError(
+                    f"KV cache overflow in layer {layer_idx}: it holds {held} tokens (position {held}), "
+                    f"{num_tokens} more would make {held + num_tokens}, past its capacity "
+                    f"max_seq_len={self.max_seq_len}. Allocate a larger cache or reset() it."
+                )
+        return self.position[layer_idx] + torch.arange(num_tokens, device=self.position.device)  # (T,)
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write key/value (B, KV, T_new, D) after the cached ones; return the whole buffers (B, KV, S_max, D)."""
-        super().update(key, value, layer_idx)
-        return self.keys[layer_idx], self.values[layer_idx]  # (B, KV, S_max, D): never changes shape
+        """Write key/value (B, KV, T_new, D) at the cache's position; return the whole buffers (B, KV, S_max, D)."""
+        _check_kv(key, value, layer_idx, self.num_layers)
+        buf_k, buf_v = self.keys[layer_idx], self.values[layer_idx]
+        if key.shape[0] != buf_k.shape[0] or key.shape[1] != buf_k.shape[1] or key.shape[3] != buf_k.shape[3]:
+            raise ValueError(
+                f"key {tuple(key.shape)} does not fit this cache's (batch, kv_heads, seq, head_dim) = "
+                f"{tuple(buf_k.shape[:2])} + (seq, {buf_k.shape[3]})"
+            )
+        _check_same_kind(key, buf_k, layer_idx)
+        cache_position = self.cache_position(key.shape[2], layer_idx)  # (T,): checked before anything is written
+        buf_k.index_copy_(2, cache_position, key)  # in place, at slots read from a tensor
+        buf_v.index_copy_(2, cache_position, value)
+        self.position[layer_idx] += key.shape[2]  # in place: the same tensor, a new value
+        return buf_k, buf_v  # (B, KV, S_max, D): never changes shape
+
+    def mask(self, cache_position: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, T, S) bool, True where a new token may look; marks the new slots in ``slot_mask``, in place.
+
+        cache_position (T,) long: the slots of the new tokens (``cache_position(T)`` before they are written).
+        real (B, T) bool, or ``None`` when every new token is real: False for left padding, which no query sees.
+        Query i sees slot j when j holds a real token and j <= cache_position[i] (not its future, and not a
+        slot left over from before ``reset()``).
+        """
+        b, t = self.slot_mask.shape[0], cache_position.shape[0]
+        if real is None:
+            real = torch.ones(b, t, dtype=torch.bool, device=self.slot_mask.device)
+        elif real.shape != (b, t) or real.dtype != torch.bool:
+            raise ValueError(f"real must be a ({b}, {t}) bool tensor (batch, new tokens), got "
+                             f"{tuple(real.shape)} {real.dtype}")
+        self.slot_mask.index_copy_(1, cache_position, real)  # (B, S): in place
+        slots = torch.arange(self.max_seq_len, device=self.slot_mask.device)  # (S,)
+        causal = slots[None, :] <= cache_position[:, None]  # (T, S)
+        return self.slot_mask[:, None, None, :] & causal[None, None]  # (B, 1, T, S)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.position[layer_idx])
+
+    def reset(self) -> None:
+        """Forget every token: position 0, no slot marked (the buffers are kept, and overwritten)."""
+        self.position.zero_()
+        self.slot_mask.zero_()
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens; a negative value drops that many from the end."""
+        new = [_cropped_length(max_length, n, i) for i, n in enumerate(self.lengths)]
+        self.position.copy_(torch.tensor(new, dtype=torch.long))

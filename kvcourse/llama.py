@@ -354,6 +354,30 @@ class Llama(nn.Module):
             got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
                    else type(input_ids).__name__)
             raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids (torch.long), got {got}")
+        t = input_ids.shape[1]
+        x = self.embed(input_ids)  # (B, T, C)
+        static = getattr(cache, "static_shape", False)  # the cache returns its whole (B, KV, S_max, D) buffers
+        window = self.args.sliding_window
+        if static and attention_mask is None and start_pos is None and window is None:
+            # Nothing here is a Python number that changes from step to step: the position comes from the cache,
+            # on the device, and so does the mask. torch.compile traces this once for every position.
+            cache_position = cache.cache_position(t)  # (T,) long: the slots of the new tokens
+            cos, sin = rope_cos_sin(cache_position, self.inv_freq, x.dtype, self.rope_scale)  # (T, D) each
+            mask = cache.mask(cache_position)  # (B, 1, T, S): written slots up to each query's own
+        else:
+            cos, sin, mask = self._positions_and_mask(input_ids, cache, attention_mask, start_pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, attn_fn, mask)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+    def _positions_and_mask(self, input_ids, cache, attention_mask, start_pos, dtype):
+        """RoPE cos/sin and the attention mask, from the cache's length read on the host (every cache but a
+        static one in a plain step)."""
+        b, t = input_ids.shape
+        mask = None
+        static = getattr(cache, "static_shape", False)
         past = cache.get_seq_length() if cache is not None else 0
         if start_pos is None:
             start_pos = past
@@ -362,22 +386,20 @@ class Llama(nn.Module):
                 f"start_pos={start_pos} but the cache already holds {past} tokens: new tokens must be placed "
                 f"right after the cached ones (position offset = cache length)"
             )
-        b, t = input_ids.shape
-        x = self.embed(input_ids)  # (B, T, C)
-        mask = None
-        static = getattr(cache, "static_shape", False)  # the cache returns its whole (B, KV, S_max, D) buffers
         if attention_mask is None:
             positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)  # (T,)
-            cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)  # (T, D) each
-            if static:  # mask the slots after each query's own: its future, and the ones not written yet
-                mask = causal_mask(t, cache.max_seq_len, input_ids.device, q_offset=start_pos)[None, None]  # (1, 1, T, S)
+            cos, sin = rope_cos_sin(positions, self.inv_freq, dtype, self.rope_scale)  # (T, D) each
+            if static:  # the cache masks its own slots, from its device position
+                mask = cache.mask(cache.cache_position(t))  # (B, 1, T, S)
         else:
             check_attention_mask(attention_mask, b, start_pos + t, input_ids.device)
             positions = positions_from_mask(attention_mask)[:, -t:]  # (B, T): each row counts its real tokens
-            cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)  # (B, T, D) each
+            cos, sin = rope_cos_sin(positions, self.inv_freq, dtype, self.rope_scale)  # (B, T, D) each
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
-            k_len = cache.max_seq_len if static else None
-            mask = padding_causal_mask(attention_mask, t, k_len)  # (B, 1, T, cached + T), or (B, 1, T, S)
+            if static:  # padding is marked False in the cache's slot mask
+                mask = cache.mask(cache.cache_position(t), attention_mask[:, -t:].bool())  # (B, 1, T, S)
+            else:
+                mask = padding_causal_mask(attention_mask, t)  # (B, 1, T, cached + T)
         window = self.args.sliding_window
         if window is not None:  # Mistral: keys older than the window are masked too
             k_total = cache.max_seq_len if static else start_pos + t
@@ -385,11 +407,7 @@ class Llama(nn.Module):
             if hasattr(cache, "window_slots"):  # a window cache returns only the slots it keeps
                 k_len, k_offset = cache.window_slots(t)
                 mask = mask[..., k_offset:k_offset + k_len]  # (B|1, 1, T, kept + T)
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache, attn_fn, mask)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C)
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        return cos, sin, mask
 
 
 def check_attention_mask(attention_mask, batch_size: int, length: int, device: torch.device | None = None) -> None:
