@@ -63,3 +63,73 @@ def test_crop_keeps_prefix():
 def test_layer_index_out_of_range_is_refused():
     with pytest.raises(IndexError, match="2 layers"):
         KVCache(2, 1, 1, 2, 4).update(*_kv(1, 1, 1, 2), 2)
+
+
+# ---- StaticKVCache: what a captured decode step needs (position and mask in tensors, written in place) ----------
+
+
+def test_static_cache_keeps_its_position_in_python():
+    """The write position must live in a device tensor that update advances in place (a graph reads it there)."""
+    from kvcourse import StaticKVCache
+
+    cache = StaticKVCache(2, 2, 3, 8, max_seq_len=7)
+    position = cache.position
+    ptr = position.data_ptr()
+    k, v = _kv(t=3, seed=1)
+    keys, values = cache.update(k, v, 1)
+    assert keys is cache.keys[1] and values is cache.values[1] and keys.shape == (2, 3, 7, 8)
+    assert cache.position is position and position.data_ptr() == ptr, "the position tensor was replaced"
+    assert position.tolist() == [0, 3] and cache.get_seq_length(1) == 3 and cache.get_seq_length(0) == 0
+    assert torch.equal(keys[:, :, :3], k) and not keys[:, :, 3:].any() and not cache.keys[0].any()
+    k2, v2 = _kv(t=4, seed=2)  # exactly full: slots 3..6
+    cache.update(k2, v2, 1)
+    assert torch.equal(cache.keys[1][:, :, 3:], k2) and torch.equal(cache.values[1][:, :, 3:], v2)
+
+
+def test_static_cache_overflow_is_silent_or_changes_state():
+    from kvcourse import StaticKVCache
+
+    cache = StaticKVCache(1, 2, 3, 8, max_seq_len=5)
+    cache.update(*_kv(t=4, seed=3), 0)
+    before = [t.clone() for t in cache.keys + cache.values]
+    with pytest.raises(CacheOverflowError, match=r"holds 4 tokens.*max_seq_len=5"):
+        cache.update(*_kv(t=2, seed=4), 0)
+    assert cache.get_seq_length() == 4 and all(torch.equal(a, b) for a, b in zip(before, cache.keys + cache.values, strict=True))
+    with pytest.raises(CacheOverflowError, match="max_seq_len=5"):
+        cache.mask(cache.cache_position(2))
+    assert not cache.slot_mask.any(), "a refused mask call marked slots"
+
+
+def test_static_mask_sees_future_padding_or_stale_slots():
+    """mask: slot_mask updated in place (padding False), and query i sees slot j only if j <= cache_position[i]."""
+    from kvcourse import StaticKVCache
+
+    cache = StaticKVCache(1, 2, 1, 4, max_seq_len=6)
+    buffer = cache.slot_mask
+    real = torch.tensor([[False, True, True], [True, True, True]])
+    m = cache.mask(cache.cache_position(3), real)  # (B, 1, T, S)
+    assert cache.slot_mask is buffer and m.shape == (2, 1, 3, 6) and m.dtype == torch.bool
+    assert buffer.tolist() == [[False, True, True, False, False, False], [True, True, True, False, False, False]]
+    assert m[1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    assert not m[0, 0, :, 0].any(), "row 0's padding slot is visible"
+    cache.update(*_kv(b=2, kv=1, t=3, d=4), 0)
+    m = cache.mask(cache.cache_position(1))  # one decode step at slot 3
+    assert m[:, 0, 0].int().tolist() == [[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]]
+    cache.reset()
+    assert cache.get_seq_length() == 0 and not cache.slot_mask.any() and cache.slot_mask is buffer
+    m = cache.mask(cache.cache_position(1))  # after reset: slot 0 only, the stale slots 1..3 hidden
+    assert m[:, 0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0]] * 2
+
+
+def test_static_cache_crop_leaves_position():
+    from kvcourse import StaticKVCache
+
+    cache = StaticKVCache(2, 1, 1, 4, max_seq_len=8)
+    for layer in range(2):
+        cache.update(*_kv(b=1, kv=1, t=5, d=4), layer)
+    cache.crop(-2)
+    assert cache.position.tolist() == [3, 3]
+    cache.crop(1)
+    assert cache.lengths == [1, 1]
+    with pytest.raises(ValueError, match="out of range"):
+        cache.crop(4)

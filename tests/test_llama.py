@@ -84,3 +84,62 @@ def test_causal_mask_lets_a_decode_query_see_every_cached_key():
     assert torch.equal(causal_mask(4, 4), torch.ones(4, 4, dtype=torch.bool).tril())
     m = causal_mask(2, 5)
     assert m.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+# ---- the static path: a decode step that torch.compile traces once for every position ------------------------------
+
+
+def _compiled_static_decode(ours, cache, prompt, steps):
+    """Prefill eagerly, then `steps` decode steps compiled (fullgraph, static shapes); a second trace is an error."""
+    import torch._dynamo
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda token: ours(token, cache=cache), backend=keep, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        token = ours(prompt, cache=cache)[:, -1:].argmax(-1)
+        out = [prompt, token]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(steps):
+                token = step(token)[:, -1:].argmax(-1)
+                out.append(token)
+    return torch.cat(out, 1), graphs
+
+
+def test_static_decode_step_recompiles_at_every_position(bundled):
+    """Static shapes are not enough for a graph: the position and the mask must come from tensors. With the course's
+    StaticKVCache the step traces once and reads nothing back to Python; a cache that slices at a Python int (the old
+    StaticKVCache) is traced again at the next position, which error_on_recompile turns into an error."""
+    import torch._dynamo
+
+    from kvcourse import StaticKVCache
+    from kvcourse.generate import generate
+
+    _, tok, ours = bundled
+    prompt = tok("ROMEO:", return_tensors="pt").input_ids
+    got, graphs = _compiled_static_decode(ours, StaticKVCache.for_model(ours, 1, 20), prompt, 6)
+    assert torch.equal(got, generate(ours, prompt, 7))
+    assert len(graphs) == 1
+    ops = {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_method"}
+    assert not ops & {"item", "tolist", "cpu"}, f"the compiled step reads the position back to Python: {ops}"
+
+    class PythonSlice(StaticKVCache):  # the bug this guards: a write at a Python-int offset
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.held = [0] * self.num_layers
+
+        def update(self, key, value, layer_idx):
+            start, end = self.held[layer_idx], self.held[layer_idx] + key.shape[2]
+            self.keys[layer_idx][:, :, start:end] = key
+            self.values[layer_idx][:, :, start:end] = value
+            self.held[layer_idx] = end
+            self.position[layer_idx] += key.shape[2]
+            return self.keys[layer_idx], self.values[layer_idx]
+
+    with pytest.raises(torch._dynamo.exc.RecompileError):
+        _compiled_static_decode(ours, PythonSlice.for_model(ours, 1, 20), prompt, 3)
