@@ -4,7 +4,7 @@
 the same order as ``transformers``' ``LlamaForCausalLM`` (so float32 tokens are identical to
 ``generate(do_sample=False)``), but remove everything a decode step does not need. One idea per file:
 
-- ``fused.py``: q/k/v and gate/up stacked into one matrix each (gpt-fast's ``wqkv``/``w13``);
+- ``fused.py``: q/k/v and gate/up stacked into one matrix each (gpt-fast's ``wqkv``, vLLM's ``gate_up_proj``);
 - ``base.py``: ``FastGeneratorBase``: the fused model, a RoPE table, one preallocated cache
   ``(layers, B, KV, S_max, D)`` written in place, the prefill (last position only, as
   ``logits_to_keep=1``), the checks ``kvcourse.generate`` makes, and gpt-fast's loop: ``prefill``, then

@@ -91,6 +91,7 @@ class FastGeneratorBase:
         self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # (S, D)
         self.rope_len = length
 
+    @torch.inference_mode()
     def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
         """(Re)allocate the KV cache if it is too small for ``batch_size`` x ``max_seq_len``."""
         max_seq_len = max(max_seq_len, self.max_seq_len_requested)
@@ -181,6 +182,7 @@ class FastGeneratorBase:
             x = self._out_and_mlp(blk, x, y)
         return self._logits(x)
 
+    @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The prompt at slots 0..T-1, eager (its length changes from call to call): logits (B, V) of its last
         position. A left-padded prompt gets each row's positions and the padding + causal mask from its mask."""
@@ -197,7 +199,7 @@ class FastGeneratorBase:
         (``normalize_eos``: a 1-D tensor, or None) and the pad id. Nothing is changed when it raises."""
         check_generate_args(input_ids, max_new_tokens, self.device)
         b, t = input_ids.shape
-        lo, hi = int(input_ids.min()), int(input_ids.max())  # one host read, before anything runs
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host read, before anything runs
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(f"input_ids must be token ids in 0..{self.vocab_size - 1} (the model's vocab_size), got "
                              f"ids from {lo} to {hi}")
@@ -235,7 +237,7 @@ class FastGeneratorBase:
         self.setup_caches(b, t + max_new_tokens)
         out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=self.device)  # (B, T + N)
         out[:, :t] = input_ids
-        finished = torch.zeros(b, dtype=torch.bool, device=self.device)  # (B,)
+        finished = None if eos is None else torch.zeros(b, dtype=torch.bool, device=self.device)  # (B,)
         for i in range(t, t + max_new_tokens):
             if i == t:
                 logits = self._begin(input_ids, attention_mask, max_new_tokens)  # (B, V)
@@ -258,6 +260,7 @@ class FastGeneratorBase:
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @torch.inference_mode()
     def warmup(self, batch_size: int = 1, seq_len: int = 8, max_new_tokens: int = 3) -> float:
         """Compile (compile=True) and capture (CUDA graph) for these sizes; return the seconds it took.
 
@@ -270,17 +273,16 @@ class FastGeneratorBase:
         self._warm = True
         self.setup_caches(batch_size, seq_len + max(max_new_tokens, 1))
         ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            try:
-                self._warm_up(ids)
-            except Exception as err:  # noqa: BLE001 - a failed compile must not break generation
-                if not self.compiled:
-                    raise
-                warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running eagerly",
-                              RuntimeWarning, stacklevel=2)
-                self._uncompile()
-                self.compiled = False
-                self._warm_up(ids)
+        try:
+            self._warm_up(ids)
+        except Exception as err:  # noqa: BLE001 - a failed compile must not break generation
+            if not self.compiled:
+                raise
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running eagerly",
+                          RuntimeWarning, stacklevel=2)
+            self._uncompile()
+            self.compiled = False
+            self._warm_up(ids)
         self._sync()
         return time.perf_counter() - t0
 

@@ -47,6 +47,7 @@ class DynamicGenerator(FastGeneratorBase):
             self._mask, self._positions = mask, positions_from_mask(mask)  # (B, T + N) each
         return self.prefill(input_ids, attention_mask)
 
+    @torch.inference_mode()
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
         """token (B, 1) at slot ``self._pos``: logits (B, V); the next token goes to the next slot."""
         i = self._pos

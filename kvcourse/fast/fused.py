@@ -1,7 +1,8 @@
 """The fused weights every fast generator shares: one block's matrices stacked so that a decode step does
 one matrix-vector product where the model does three (q, k, v) or two (gate, up).
 
-As gpt-fast's ``wqkv``/``w13`` (``model.py``) and vLLM's ``QKVParallelLinear``/``MergedColumnParallelLinear``.
+q/k/v as gpt-fast's ``wqkv`` (``model.py``, which keeps ``w1``/``w3`` apart) and vLLM's ``QKVParallelLinear``;
+gate/up as vLLM's ``gate_up_proj`` (``MergedColumnParallelLinear``).
 The rows are the model's own rows, stacked: every output element is the same dot product, so float32
 tokens stay identical to ``transformers``' ``LlamaForCausalLM``.
 """

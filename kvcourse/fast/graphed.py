@@ -5,8 +5,9 @@ first compiles it with ``compile=True``: timed as ``compile_seconds``; the secon
 and the kernels settle), then one capture, ``torch.cuda.graph``, which records the kernels without
 running them (timed as ``capture_seconds``). Replays then read the inputs from the same buffers
 (``StaticState``), which is why the step reads its slot, positions and mask from tensors. This follows
-the PyTorch CUDA graphs notes ("Whole-network capture": warm up on a side stream, then capture) and
-gpt-fast, which gets the same from ``torch.compile(mode="reduce-overhead")``.
+the PyTorch CUDA semantics notes (https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs: work on a
+capturing stream is recorded, not run; warm up on a side stream first) and ``torch.cuda.graph``'s docs;
+gpt-fast gets the same from ``torch.compile(decode_one_token, mode="reduce-overhead")`` (``generate.py``).
 
 The step neither advances the slot nor the positions (``decode_one_token`` does, after the replay), so
 a warm-up run at any moment computes exactly what the next replay computes: capturing is safe even

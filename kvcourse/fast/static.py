@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import CacheOverflowError
-from ..generate import check_generate_args
 from .base import FastGeneratorBase
 
 
@@ -123,7 +122,7 @@ class StaticGenerator(FastGeneratorBase):
         st = self.state
         if st is None:
             raise ValueError("prefill_row needs the batch's buffers first: call setup_caches(batch_size, max_seq_len)")
-        check_generate_args(input_ids, 0, self.device)
+        self.check_inputs(input_ids, 0)
         b, t = len(st.lengths), input_ids.shape[1]
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < b:
             raise ValueError(f"row must be an int in 0..{b - 1} (the batch set up), got {row!r}")
@@ -131,13 +130,13 @@ class StaticGenerator(FastGeneratorBase):
             raise ValueError(f"prefill_row takes one prompt, shape (1, T), got {tuple(input_ids.shape)}")
         if t >= self.max_seq_len:
             raise CacheOverflowError(f"a {t}-token prompt leaves no slot to decode into: max_seq_len={self.max_seq_len}")
-        self.check_inputs(input_ids, 0)
         logits = self._forward(input_ids, 0, causal=t > 1, rows=slice(row, row + 1))  # (1, V)
         st.slot_mask[row] = False
         st.slot_mask[row, :t] = True
         st.slot[row], st.rope_pos[row], st.lengths[row] = t, t, t
         return logits
 
+    @torch.inference_mode()
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
         """token (B, 1), each row at its own slot: logits (B, V); every row then moves on by one slot."""
         st = self.state
