@@ -210,6 +210,7 @@ def test_one_slot_for_all_rows_breaks_rows_at_different_lengths(bundled, cls, fa
     assert prompts[0].shape[1] != prompts[1].shape[1]
     n = 30
     gen = cls(ours)
+    gen.generate(prompts[0], 3)  # buffers made in inference mode: the row API must still write into them
     gen.setup_caches(2, prompts[1].shape[1] + n)
     token = torch.cat([gen.prefill_row(r, p).argmax(-1, keepdim=True) for r, p in enumerate(prompts)])  # (2, 1)
     new = [token]
