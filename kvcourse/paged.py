@@ -97,11 +97,11 @@ class PagedKVCache:
         if seq_id not in self.tables:
             state = "was freed" if seq_id in self.freed else "was never added"
             raise UnknownSequenceError(f"{what}: sequence {seq_id!r} {state}; this cache holds "
-                                       f"{sorted(map(repr, self.tables))}")
+                                       f"{len(self.tables)} sequences, e.g. {sorted(map(repr, self.tables))[:8]}")
 
     def add_sequence(self, seq_id) -> None:
         """Register an empty sequence (also one whose id was freed before: it starts again from nothing)."""
-        hash(seq_id)  # an unhashable id fails here, before anything changes
+        _check_id(seq_id)
         if seq_id in self.tables:
             raise ValueError(f"sequence {seq_id!r} already exists; free it first or pick another id")
         self.tables[seq_id], self.lengths[seq_id] = [], 0
@@ -147,8 +147,9 @@ class PagedKVCache:
             raise TypeError(f"set_batch takes a list of sequence ids, got {seq_ids!r}")
         seq_ids = list(seq_ids)
         for s in seq_ids:
-            hash(s)
-        repeated = sorted({repr(s) for s in seq_ids if seq_ids.count(s) > 1})
+            _check_id(s)
+        seen: set = set()
+        repeated = sorted({repr(s) for s in seq_ids if s in seen or seen.add(s)})
         if repeated:
             raise ValueError(f"set_batch got the same sequence twice: {', '.join(repeated)} in {seq_ids!r}")
         gone = [s for s in seq_ids if s in self.freed and s not in self.tables]
@@ -258,6 +259,14 @@ class PagedKVCache:
         return self.num_blocks - len(self.free_blocks)
 
 
+def _check_id(seq_id) -> None:
+    """Sequence ids are dict keys: anything hashable (an int, a string, a tuple)."""
+    try:
+        hash(seq_id)
+    except TypeError:
+        raise TypeError(f"a sequence id must be hashable (an int, a str, a tuple), got {seq_id!r}") from None
+
+
 def _check_count(name: str, value, least: int) -> None:
     """A count must be an int (not a bool or a float) of at least ``least``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -291,13 +300,15 @@ def simulate_serving(budget_tokens: int, max_len: int, *, block_size: int = 16, 
 
     Returns ``used_share``, the share of reserved slots that held real tokens (averaged over steps), to compare
     with the 20.4-38.2 % that Kwon et al. 2023 (vLLM paper, SOSP; arXiv:2309.06180, section 1 and Fig. 2) give for
-    the Orca variants they simulate (Max, Pow2 and Oracle reservation: simulated baselines, not measurements of
-    deployed systems); ``mean_running``, the mean number of sequences running at once; ``steps``; ``preempted``;
+    their own reimplementation of Orca with Max, Pow2 and Oracle reservation (section 6.1, "Baseline 2": Orca is
+    not public), baselines they built, not measurements of deployed systems; ``mean_running``, the mean number of sequences running at once; ``steps``; ``preempted``;
     ``recomputed_tokens``; ``recompute_share``.
     """
     _check_count("budget_tokens", budget_tokens, 1)
     _check_count("max_len", max_len, 2)  # a prompt of at least 1 token and an output of at least 1
     _check_count("block_size", block_size, 1)
+    if not isinstance(paged, bool):
+        raise TypeError(f"paged must be True (blocks on demand) or False (max_len reserved per request), got {paged!r}")
     if lengths is None:
         _check_count("requests", requests, 1)
         g = torch.Generator().manual_seed(seed)

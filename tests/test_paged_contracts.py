@@ -176,6 +176,8 @@ def test_set_batch_with_duplicates_or_a_freed_id_is_accepted():
         c.set_batch(["a", "a"])
     with pytest.raises(TypeError, match="list of sequence ids"):
         c.set_batch("ab")
+    with pytest.raises(TypeError, match=r"must be hashable .* got \['x'\]"):
+        c.set_batch(["b", ["x"]])
     assert same_books(before, books(c))
     c.free("a")
     before = books(c)
