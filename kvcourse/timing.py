@@ -22,6 +22,11 @@ from .devices import synchronize
 T = TypeVar("T")
 
 
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def under_autograder() -> bool:
     """True while nbgrader runs the notebook (``nbgrader autograde``, or Validate).
 
@@ -39,17 +44,22 @@ class Timing:
 
     times: list[float] = field(default_factory=list)
 
+    def _checked(self) -> list[float]:
+        if not self.times:
+            raise ValueError("this Timing holds no times yet: time something first (time_it(fn, repeats=5))")
+        return self.times
+
     @property
     def median(self) -> float:
-        return statistics.median(self.times)
+        return statistics.median(self._checked())
 
     @property
     def min(self) -> float:
-        return min(self.times)
+        return min(self._checked())
 
     @property
     def max(self) -> float:
-        return max(self.times)
+        return max(self._checked())
 
     def __str__(self) -> str:
         return f"{self.median * 1e3:.2f} ms (median of {len(self.times)}, {self.min * 1e3:.2f}-{self.max * 1e3:.2f})"
@@ -57,7 +67,13 @@ class Timing:
 
 def time_it(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
             device: torch.device | str = "cpu") -> Timing:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (synchronised)."""
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (synchronised on ``device``: pass the
+    model's, e.g. ``model.device``, or a GPU's queued work is not waited for)."""
+    if not callable(fn):
+        raise TypeError(f"time_it times a function of no arguments, got {type(fn).__name__} {fn!r}")
+    _check_count("repeats", repeats, 1)
+    _check_count("warmup", warmup, 0)
+    synchronize(device)  # an unknown device fails before anything runs
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -74,6 +90,7 @@ class StepTimer:
     """Per-step wall times inside a loop: ``with timer.step(): ...``."""
 
     def __init__(self, device: torch.device | str = "cpu"):
+        synchronize(device)  # an unknown device fails here, not at the first step
         self.device = device
         self.times: list[float] = []
 
@@ -99,6 +116,9 @@ def progress(iterable: Iterable[T] | None = None, **kwargs) -> tqdm_std[T]:
     ("Error displaying widget: model not found"), and plain ``tqdm`` writes to stderr, which nbgrader
     counts against a test cell. This one is text on stdout: it survives save and reopen.
     """
+    total = kwargs.get("total")
+    if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float)) or total < 0):
+        raise ValueError(f"total must be a number of items >= 0 (or None), got {total!r}")
     kwargs.setdefault("file", sys.stdout)
     kwargs.setdefault("dynamic_ncols", False)
     kwargs.setdefault("ncols", 90)

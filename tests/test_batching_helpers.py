@@ -19,6 +19,7 @@ from kvcourse.batching import (
 )
 from kvcourse.generate import generate
 from kvcourse.llama import padding_causal_mask, positions_from_mask
+from kvcourse.timing import StepTimer, Timing, progress, time_it
 
 matplotlib.use("Agg")
 
@@ -238,3 +239,24 @@ def test_helpers_take_bad_inputs_silently(models, case):
     fn, err, named = BAD_INPUTS[case]
     with pytest.raises(err, match=named):
         fn(hf, model)
+
+
+# kvcourse.timing (CallTimer's siblings; no test file of their own)
+TIMING_BAD_INPUTS = {
+    "Timing-median-of-no-times": (lambda: Timing().median, ValueError, "no times"),
+    "Timing-str-of-no-times": (lambda: str(Timing()), ValueError, "no times"),
+    "time_it-0-repeats-empty-median": (lambda: time_it(lambda: None, repeats=0), ValueError, "repeats.*got 0"),
+    "time_it-float-repeats": (lambda: time_it(lambda: None, repeats=2.5), ValueError, "repeats.*2.5"),
+    "time_it-negative-warmup": (lambda: time_it(lambda: None, warmup=-1), ValueError, "warmup.*-1"),
+    "time_it-not-a-function": (lambda: time_it(None), TypeError, "NoneType"),
+    "StepTimer-unknown-device": (lambda: StepTimer("gpu"), ValueError, "'gpu'"),
+    "progress-negative-total": (lambda: progress(range(2), total=-1), ValueError, "total.*-1"),
+}
+
+
+@pytest.mark.parametrize("case", TIMING_BAD_INPUTS)
+def test_timing_takes_bad_inputs_silently(case):
+    fn, err, named = TIMING_BAD_INPUTS[case]
+    with pytest.raises(err, match=named):
+        fn()
+    assert len(time_it(lambda: None, repeats=2, warmup=0).times) == 2
