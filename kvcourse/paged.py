@@ -131,7 +131,11 @@ class PagedKVCache:
             self.refcount[block] -= 1
             if self.refcount[block] == 0:
                 self.free_blocks.append(block)
-        del self.lengths[seq_id]
+        self._forget(seq_id)
+
+    def _forget(self, seq_id) -> None:
+        """The books of a freed sequence besides its blocks: its lengths, its row in the batch."""
+        self.lengths.pop(seq_id, None)
         self.layer_lengths.pop(seq_id, None)
         self.freed.add(seq_id)
         self.batch = [s for s in self.batch if s != seq_id]
