@@ -39,6 +39,11 @@ QMAX = 127  # int8 absmax uses -127..127, symmetric (-128 is left out)
 
 def quantize_absmax(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (int8 q, float scale) with x ~= q * scale, one scale per slice along ``dim``."""
+    if not isinstance(x, torch.Tensor) or x.numel() == 0 or x.dim() == 0:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"quantize_absmax needs a non-empty tensor with at least one axis, got {got}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an axis of x, -{x.dim()}..{x.dim() - 1}, got {dim!r}")
     scale = x.abs().amax(dim=dim, keepdim=True).float() / QMAX  # (..., 1)
     scale = scale.clamp(min=torch.finfo(torch.float32).tiny)  # an all-zero vector gets q = 0, not NaN
     q = torch.round(x.float() / scale).clamp(-QMAX, QMAX).to(torch.int8)  # round, THEN clamp: no wrap-around
@@ -46,6 +51,13 @@ def quantize_absmax(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (..., D) int8 and scale (..., 1) -> q * scale in ``dtype``."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
+        raise ValueError(f"q must be an int8 tensor (quantize_absmax's first output), got "
+                         f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}")
+    if not isinstance(scale, torch.Tensor) or scale.shape != (*q.shape[:-1], 1):
+        got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise ValueError(f"scale must be one per vector of q {tuple(q.shape)}: shape {(*q.shape[:-1], 1)}, got {got}")
     return (q.float() * scale).to(dtype)
 
 
@@ -88,15 +100,21 @@ class Int8KVCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_seq_len: int, **kw) -> Int8KVCache:
-        """Size a cache for a ``kvcourse.llama.Llama`` (its ``args``), in the model's dtype and on its device."""
+        """Size a cache for a ``kvcourse.llama.Llama`` or a ``transformers`` Llama, in its dtype and on its device."""
         a = getattr(model, "args", None)
-        if a is None:
-            raise TypeError(f"Int8KVCache.for_model takes the course's Llama (with .args), got {type(model).__name__}:"
-                            f" wrap a transformers model with kvcourse.Llama.from_hf(model)")
+        if a is not None:
+            layers, kv, d = a.num_layers, a.num_kv_heads, a.head_dim
+        else:
+            c = getattr(model, "config", None)
+            if c is None or not hasattr(c, "num_key_value_heads"):
+                raise TypeError(f"Int8KVCache.for_model takes the course's Llama or a transformers Llama, got "
+                                f"{type(model).__name__}")
+            layers, kv = c.num_hidden_layers, c.num_key_value_heads
+            d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         p = next(model.parameters())
         kw.setdefault("dtype", p.dtype)
         kw.setdefault("device", p.device)
-        return cls(a.num_layers, batch_size, a.num_kv_heads, a.head_dim, max_seq_len, **kw)
+        return cls(layers, batch_size, kv, d, max_seq_len, **kw)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store key/value (B, KV, T, D); return all (B, KV, end, D) in time order: the tokens held before this call
@@ -132,6 +150,8 @@ class Int8KVCache:
         return out[0], out[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"layer_idx {layer_idx!r} out of range: this cache has {self.num_layers} layers")
         return self.quantized[layer_idx] + self.in_residual[layer_idx]
 
     def reset(self) -> None:

@@ -190,3 +190,26 @@ def test_plugged_in_quantize_is_ignored():
     assert calls == [(1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 1, 8), (1, 2, 1, 8)], \
         "keys and values must both go through the plugged-in function"
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("call,named", [
+    (lambda: quantize_absmax(torch.zeros(2, 0)), r"\(2, 0\)"),
+    (lambda: quantize_absmax(torch.ones(2, 3), dim=4), "dim.*got 4"),
+    (lambda: dequantize(torch.ones(2, 3, dtype=torch.int8), torch.ones(3, 1)), r"\(2, 1\), got \(3, 1\)"),
+    (lambda: dequantize(torch.ones(2, 3), torch.ones(2, 1)), "int8.*float32"),
+], ids=["empty-scale-of-nothing", "dim-out-of-range", "scale-broadcast", "float-q-read-as-levels"])
+def test_quantize_helpers_take_bad_inputs_silently(call, named):
+    with pytest.raises(ValueError, match=named):
+        call()
+
+
+def test_for_model_refuses_a_transformers_llama(bundled):
+    """KVCache.for_model sizes a cache for either model; Int8KVCache.for_model must too, and refuse anything else."""
+    hf, _ = load_model(device="cpu")
+    _, model = bundled
+    a, b = Int8KVCache.for_model(hf, 1, 8), Int8KVCache.for_model(model, 1, 8)
+    assert a.qk[0].shape == b.qk[0].shape and a.num_layers == b.num_layers and a.dtype == b.dtype
+    with pytest.raises(TypeError, match="object"):
+        Int8KVCache.for_model(object(), 1, 8)
+    with pytest.raises(IndexError, match="layers"):
+        a.get_seq_length(a.num_layers)
