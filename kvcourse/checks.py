@@ -100,6 +100,9 @@ def expect_equal_tokens(actual, expected: torch.Tensor, name: str, hint: str = "
     """Token ids must match exactly; the message names the first position that differs."""
     __tracebackhide__ = True
     expect_shape(actual, expected.shape, name, hint)
+    if actual.is_floating_point() or actual.is_complex() or actual.dtype == torch.bool:
+        raise AssertionError(f"{name}: token ids must be integers (torch.long, as argmax gives them), got "
+                             f"{actual.dtype}.{_hint(hint)}")
     if not torch.equal(actual.cpu(), expected.cpu()):
         diff = (actual.cpu() != expected.cpu()).nonzero()[0].tolist()
         raise AssertionError(

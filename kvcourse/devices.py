@@ -60,8 +60,15 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 
 def synchronize(device: torch.device | str) -> None:
-    """Wait for queued GPU work, so a timer measures the work and not its launch."""
-    dev = torch.device(device)
+    """Wait for queued GPU work, so a timer measures the work and not its launch (a no-op on the CPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: expected a torch.device or 'cpu', 'cuda', 'cuda:N' or "
+                         f"'mps'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"cannot synchronize {device!r}: this machine has no CUDA GPU (a model on the CPU needs "
+                         f"no synchronizing: pass 'cpu' or the model's device)")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     elif dev.type == "mps":

@@ -48,26 +48,40 @@ SUBMISSION_TABLES = ("submitted_assignment", "submitted_notebook", "grade", "com
 
 
 def submitted_learners(root: Path, assignment: str) -> list[str]:
-    """Learners with a ``submitted/<learner>/<assignment>/`` folder, sorted."""
+    """Learners with a ``submitted/<learner>/<assignment>/`` folder, sorted (none if ``submitted/`` is missing)."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"course root {root} is not a folder: run in (or pass) the folder that holds "
+                                f"nbgrader_config.py and submitted/")
     return sorted(p.parent.name for p in (root / "submitted").glob(f"*/{assignment}") if p.is_dir())
 
 
 def split(learners: Sequence[str], jobs: int) -> list[list[str]]:
     """Round-robin shares, none empty: ``split([a, b, c], 2) == [[a, c], [b]]``."""
-    if jobs < 1:
-        raise ValueError(f"jobs must be 1 or more, got {jobs}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int, 1 or more, got {jobs!r}")
     shares = [list(learners[k::jobs]) for k in range(jobs)]
     return [s for s in shares if s]
 
 
 def copy_gradebook(src: Path, dst: Path) -> None:
     """A consistent copy of an SQLite file, through SQLite's backup API (not a file copy mid-write)."""
+    _check_gradebook(src)  # sqlite3.connect would create a missing src, and copy its emptiness over dst
     a, b = sqlite3.connect(src), sqlite3.connect(dst)
     try:
         a.backup(b)
     finally:
         a.close()
         b.close()
+
+
+def _check_gradebook(db: Path) -> None:
+    """A gradebook must be an existing, non-empty file: ``sqlite3.connect`` would create an empty one instead."""
+    db = Path(db)
+    if not db.is_file():
+        raise FileNotFoundError(f"gradebook {db} is missing: expected an SQLite file written by nbgrader "
+                                f"(run nbgrader generate_assignment first)")
+    if db.stat().st_size == 0:
+        raise ValueError(f"gradebook {db} is an empty file, not an nbgrader gradebook")
 
 
 def _ids(db: str) -> dict[str, str]:
@@ -88,6 +102,8 @@ def merge_gradebook(main_db: Path, worker_db: Path, assignment: str, learners: S
     Replaces what ``main_db`` held for them (a regrade), in one transaction. ``worker_db`` must be a copy
     of ``main_db`` made after ``generate_assignment`` (same assignment id).
     """
+    _check_gradebook(main_db)
+    _check_gradebook(worker_db)
     con = sqlite3.connect(main_db, timeout=60)
     try:
         con.execute("ATTACH DATABASE ? AS w", (str(worker_db),))
@@ -129,6 +145,7 @@ def autograde_parallel(assignment: str, jobs: int, root: Path | None = None, log
     """
     root = (root or Path.cwd()).resolve()
     main_db = root / "gradebook.db"
+    split([], jobs)  # jobs checked before anything runs
     learners = submitted_learners(root, assignment)
     if not learners:
         raise FileNotFoundError(f"no submissions: {root / 'submitted'} has no <learner>/{assignment}/ folder")
@@ -187,6 +204,16 @@ def bench(assignment: str, submissions: int, jobs: int, source_root: Path, keep:
     """Grade ``submissions`` made-up submissions serially, then over ``jobs`` workers; print both; 0 if equal."""
     from kvcourse.instructor import sample_submissions
 
+    if isinstance(submissions, bool) or not isinstance(submissions, int) or submissions < 1:
+        raise ValueError(f"submissions must be an int, 1 or more, got {submissions!r}")
+    split([], jobs)
+    source_root = Path(source_root)
+    needed = [source_root / "nbgrader_config.py", source_root / "solutions" / assignment,
+              source_root / "notebooks" / assignment]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"bench {assignment!r} copies the course from {source_root}, which lacks "
+                                f"{', '.join(missing)}")
     with tempfile.TemporaryDirectory(prefix="kvcourse-grade-bench-") as tmp:
         course = Path(keep or tmp)
         course.mkdir(parents=True, exist_ok=True)

@@ -18,17 +18,36 @@ def _dims(config) -> tuple[int, int, int, int]:
         config = get_shape(config)
     if isinstance(config, Shape):
         return config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if not hasattr(config, "num_attention_heads") and hasattr(getattr(config, "config", None), "num_attention_heads"):
+        config = config.config  # a transformers model: its config
+    lacks = [f for f in ("num_hidden_layers", "num_attention_heads", "hidden_size") if not hasattr(config, f)]
+    if lacks:
+        raise TypeError(f"expected a model config (a Shape, a transformers config or a shape name such as "
+                        f"'SmolLM2-135M'), got a {type(config).__name__} without {', '.join(lacks)}")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", heads), head_dim
 
 
+def _count(name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an int >= minimum (not a bool, not 2.5); else a ValueError naming both."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def bytes_per_element(dtype: torch.dtype) -> int:
+    """Bytes of one element of ``dtype`` (a ``torch.dtype``): 4 for float32, 2 for bfloat16."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {type(dtype).__name__} {dtype!r}")
     return torch.empty((), dtype=dtype).element_size()
 
 
 def kv_bytes_per_token_dims(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: int) -> int:
     """Bytes of K and V one token adds, from four numbers (notebook 05, exercise 1): 2 x layers x KV heads x head_dim x bytes."""
+    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                        ("bytes_per_element", bytes_per_element)):
+        _count(name, value)
     return 2 * num_layers * num_kv_heads * head_dim * bytes_per_element
 
 
@@ -40,11 +59,17 @@ def kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16, *, per_query
 
 def kv_cache_bytes(config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16, **kw) -> int:
     """Bytes of the whole cache for ``batch_size`` sequences of ``seq_len`` tokens."""
+    _count("seq_len", seq_len, 0)
+    _count("batch_size", batch_size, 0)
     return kv_bytes_per_token(config, dtype, **kw) * seq_len * batch_size
 
 
 def tensor_bytes(tensors) -> int:
     """Bytes actually held by some tensors (e.g. a cache's buffers)."""
+    tensors = list(tensors)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensor_bytes takes tensors (e.g. cache_tensors(cache)), got a {type(t).__name__}: {t!r}")
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -78,6 +103,10 @@ def param_count(config) -> int:
     """
     if isinstance(config, str):
         config = get_shape(config)
+    lacks = [f for f in ("hidden_size", "intermediate_size", "vocab_size") if not hasattr(config, f)]
+    if lacks:
+        raise TypeError(f"param_count counts Llama-family models (a Shape, a LlamaConfig or a shape name); this "
+                        f"{type(config).__name__} has no {', '.join(lacks)}")
     layers, heads, kv_heads, head_dim = _dims(config)
     hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     attn = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o; k, v
@@ -92,6 +121,8 @@ def param_count(config) -> int:
 
 def format_bytes(n: float, binary: bool = True) -> str:
     """``1342177280`` -> ``'1.25 GiB'`` (binary, powers of 1024) or ``'1.34 GB'`` (decimal, powers of 1000)."""
+    if isinstance(n, bool) or not isinstance(n, int | float):
+        raise TypeError(f"format_bytes takes a number of bytes, got {type(n).__name__} {n!r}")
     base, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("B", "kB", "MB", "GB", "TB"))
     value = float(n)
     for unit in units:

@@ -33,6 +33,20 @@ class Shape:
     tie_word_embeddings: bool
     rms_norm_eps: float = 1e-5
 
+    def __post_init__(self):
+        """Refuse a shape no model can have: counts that are not positive ints, heads that do not split evenly."""
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Shape {self.name!r}: {f} must be an int >= 1, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"Shape {self.name!r}: hidden_size {self.hidden_size} must be a multiple of "
+                             f"num_attention_heads {self.num_attention_heads} (head_dim = hidden_size / heads)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"Shape {self.name!r}: num_attention_heads {self.num_attention_heads} must be a multiple "
+                             f"of num_key_value_heads {self.num_key_value_heads} (each KV head serves a group)")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -43,6 +57,11 @@ class Shape:
 
         kw = asdict(self)
         kw.pop("name")
+        known = LlamaConfig()
+        unknown = sorted(k for k in overrides if k not in kw and not hasattr(known, k))
+        if unknown:  # LlamaConfig would keep a misspelt field as a stray attribute, silently unused
+            raise TypeError(f"{', '.join(unknown)} is not a LlamaConfig field; this shape's fields are "
+                            f"{', '.join(kw)}")
         kw.update(overrides)
         return LlamaConfig(**kw)
 
@@ -60,6 +79,9 @@ SHAPES: dict[str, Shape] = {
 
 def get_shape(name: str) -> Shape:
     """Look a shape up by name (case-insensitive), with a clear error for unknown names."""
+    if not isinstance(name, str):
+        raise TypeError(f"get_shape takes a shape name (one of {', '.join(SHAPES)}), got {type(name).__name__} "
+                        f"{name!r}")
     for key, shape in SHAPES.items():
         if key.lower() == name.lower():
             return shape
@@ -76,6 +98,10 @@ def random_model(name: str, *, device: str | torch.device = "cpu", dtype: torch.
     from transformers import LlamaForCausalLM
 
     shape = get_shape(name)
+    if num_hidden_layers is not None and (isinstance(num_hidden_layers, bool) or not isinstance(num_hidden_layers, int)
+                                          or num_hidden_layers < 1):
+        raise ValueError(f"num_hidden_layers must be None (the shape's {shape.num_hidden_layers}) or an int >= 1, "
+                         f"got {num_hidden_layers!r}")
     overrides = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
     config = shape.config(**overrides)
     torch.manual_seed(seed)

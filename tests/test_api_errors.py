@@ -312,3 +312,152 @@ def test_load_model_blames_the_hub_for_a_missing_folder(tmp_path):
 def test_load_model_blames_the_hub_for_an_integer_dtype(dtype):
     with pytest.raises(ValueError, match=rf"dtype {dtype} cannot hold model weights.*floating-point"):
         load_model(dtype=dtype)
+
+
+# ---- issue 22 §2: what the probe suite (tests/test_probes.py) found in memory, shapes, checks, devices, grading ----
+
+
+def test_copy_gradebook_of_a_missing_file_overwrites_the_destination_with_an_empty_gradebook(tmp_path):
+    import sqlite3
+
+    from kvcourse.grading import copy_gradebook
+
+    dst = tmp_path / "dst.db"
+    con = sqlite3.connect(dst)
+    con.execute("CREATE TABLE grade (id TEXT)")
+    con.commit()
+    con.close()
+    before = dst.read_bytes()
+    with pytest.raises(FileNotFoundError, match=r"gradebook .*missing\.db is missing"):
+        copy_gradebook(tmp_path / "missing.db", dst)
+    assert dst.read_bytes() == before  # sqlite3.connect used to create the source, then back up its emptiness
+    assert not (tmp_path / "missing.db").exists()
+    (tmp_path / "empty.db").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.db is an empty file"):
+        copy_gradebook(tmp_path / "empty.db", dst)
+    assert dst.read_bytes() == before
+
+
+@pytest.mark.parametrize("missing", ["main.db", "worker.db"])
+def test_merge_gradebook_with_a_missing_file_fails_inside_sqlite(tmp_path, missing):
+    import sqlite3
+
+    from kvcourse.grading import merge_gradebook
+
+    for name in {"main.db", "worker.db"} - {missing}:
+        con = sqlite3.connect(tmp_path / name)
+        con.execute("CREATE TABLE assignment (id TEXT, name TEXT)")
+        con.commit()
+        con.close()
+    with pytest.raises(FileNotFoundError, match=rf"gradebook .*{missing} is missing"):
+        merge_gradebook(tmp_path / "main.db", tmp_path / "worker.db", "ps1", ["a"])
+    assert not (tmp_path / missing).exists()  # not created empty by sqlite3.connect
+
+
+def test_grading_with_a_float_jobs_or_zero_submissions_fails_inside_range(tmp_path):
+    from kvcourse.grading import bench, split
+
+    with pytest.raises(ValueError, match=r"jobs must be an int, 1 or more, got 1\.5"):
+        split(["a", "b"], 1.5)
+    with pytest.raises(ValueError, match=r"submissions must be an int, 1 or more, got 0"):
+        bench("ps1", 0, 1, tmp_path)
+
+
+def test_bench_without_a_course_fails_inside_shutil(tmp_path):
+    from kvcourse.grading import bench
+
+    with pytest.raises(FileNotFoundError, match=r"lacks .*nbgrader_config\.py"):
+        bench("ps1", 2, 1, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_submitted_learners_of_a_missing_course_root_says_there_are_none(tmp_path):
+    from kvcourse.grading import submitted_learners
+
+    with pytest.raises(FileNotFoundError, match=r"course root .*nowhere is not a folder"):
+        submitted_learners(tmp_path / "nowhere", "ps1")
+    assert submitted_learners(tmp_path, "ps1") == []  # a course with no submitted/ yet: none, rightly
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda m: m.kv_bytes_per_token_dims(2.5, 2, 64, 2), r"num_layers must be an int >= 1, got 2\.5"),
+    (lambda m: m.kv_bytes_per_token_dims(2, -2, 64, 2), r"num_kv_heads must be an int >= 1, got -2"),
+    (lambda m: m.kv_cache_bytes("SmolLM2-135M", -5), r"seq_len must be an int >= 0, got -5"),
+    (lambda m: m.kv_cache_bytes("SmolLM2-135M", 8, 1.5), r"batch_size must be an int >= 0, got 1\.5"),
+])
+def test_kv_bytes_of_a_negative_or_float_count_is_a_silent_wrong_number(call, match):
+    from kvcourse import memory
+
+    with pytest.raises(ValueError, match=match):
+        call(memory)
+    assert memory.kv_cache_bytes("SmolLM2-135M", 8, 0) == 0  # 0 requests: 0 bytes, rightly
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda m: m.bytes_per_element("float32"), r"dtype must be a torch\.dtype .*got str 'float32'"),
+    (lambda m: m.tensor_bytes([1, 2]), r"tensor_bytes takes tensors .*got a int: 1"),
+    (lambda m: m.format_bytes(None), r"format_bytes takes a number of bytes, got NoneType None"),
+    (lambda m: m.param_count(transformers.GPT2Config()), r"Llama-family .*GPT2Config has no intermediate_size"),
+    (lambda m: m.kv_bytes_per_token(30), r"expected a model config .*got a int without"),
+])
+def test_memory_helpers_fail_inside_torch_or_python_on_the_wrong_kind_of_argument(call, match):
+    from kvcourse import memory
+
+    with pytest.raises((TypeError, ValueError), match=match):
+        call(memory)
+
+
+def test_kv_bytes_per_token_of_a_model_instead_of_its_config_fails_with_an_attribute_error():
+    from kvcourse.memory import kv_bytes_per_token
+
+    hf = _tiny_hf()
+    assert kv_bytes_per_token(hf, torch.float32) == kv_bytes_per_token(hf.config, torch.float32) == 2 * 2 * 2 * 16 * 4
+
+
+def test_shape_with_heads_that_do_not_divide_hidden_gives_a_wrong_head_dim():
+    from kvcourse.shapes import Shape
+
+    with pytest.raises(ValueError, match=r"hidden_size 10 must be a multiple of num_attention_heads 3"):
+        Shape("odd", 64, 10, 20, 1, 3, 1, 128, 1e4, True)  # head_dim was 10 // 3 = 3, silently
+    with pytest.raises(ValueError, match=r"num_attention_heads 3 must be a multiple of num_key_value_heads 2"):
+        Shape("odd", 64, 12, 20, 1, 3, 2, 128, 1e4, True)
+    with pytest.raises(ValueError, match=r"num_hidden_layers must be an int >= 1, got 0"):
+        Shape("odd", 64, 12, 20, 0, 3, 1, 128, 1e4, True)
+
+
+def test_shape_config_keeps_a_misspelt_override_silently_unused():
+    from kvcourse.shapes import get_shape
+
+    shape = get_shape("SmolLM2-135M")
+    with pytest.raises(TypeError, match=r"num_layers is not a LlamaConfig field.*num_hidden_layers"):
+        shape.config(num_layers=2)  # LlamaConfig kept it as a stray attribute: still 30 layers
+    assert shape.config(num_hidden_layers=2, rope_scaling=None).num_hidden_layers == 2
+
+
+@pytest.mark.parametrize(("call", "match", "error"), [
+    (lambda s: s.get_shape(None), r"get_shape takes a shape name \(one of SmolLM2-135M.*got NoneType None", TypeError),
+    (lambda s: s.random_model("SmolLM2-135M", num_hidden_layers=0), r"num_hidden_layers must be .* got 0$", ValueError),
+    (lambda s: s.random_model("SmolLM2-135M", num_hidden_layers=1.5), r"int >= 1, got 1\.5", ValueError),
+])
+def test_shapes_accept_zero_layers_or_fail_inside_transformers(call, match, error):
+    from kvcourse import shapes
+
+    with pytest.raises(error, match=match):
+        call(shapes)
+
+
+def test_expect_equal_tokens_passes_float_token_ids():
+    from kvcourse.checks import expect_equal_tokens
+
+    with pytest.raises(AssertionError, match=r"out: token ids must be integers .*got torch\.float32"):
+        expect_equal_tokens(torch.ones(1, 2), torch.ones(1, 2, dtype=torch.long), "out")
+    expect_equal_tokens(torch.ones(1, 2, dtype=torch.int32), torch.ones(1, 2, dtype=torch.long), "out")
+
+
+def test_synchronize_of_an_unknown_device_fails_inside_torch():
+    with pytest.raises(ValueError, match=r"unknown device 'gpu': expected a torch\.device or 'cpu', 'cuda'"):
+        kvcourse.synchronize("gpu")
+    kvcourse.synchronize("cpu")  # a no-op
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"cannot synchronize 'cuda': this machine has no CUDA GPU"):
+            kvcourse.synchronize("cuda")
