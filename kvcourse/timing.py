@@ -116,6 +116,9 @@ def progress(iterable: Iterable[T] | None = None, **kwargs) -> tqdm_std[T]:
     ("Error displaying widget: model not found"), and plain ``tqdm`` writes to stderr, which nbgrader
     counts against a test cell. This one is text on stdout: it survives save and reopen.
     """
+    if iterable is not None and not hasattr(iterable, "__iter__"):
+        raise TypeError(f"progress wraps an iterable (e.g. range({iterable!r})), got {type(iterable).__name__} "
+                        f"{iterable!r}")
     total = kwargs.get("total")
     if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float)) or total < 0):
         raise ValueError(f"total must be a number of items >= 0 (or None), got {total!r}")

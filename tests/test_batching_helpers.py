@@ -251,6 +251,7 @@ TIMING_BAD_INPUTS = {
     "time_it-not-a-function": (lambda: time_it(None), TypeError, "NoneType"),
     "StepTimer-unknown-device": (lambda: StepTimer("gpu"), ValueError, "'gpu'"),
     "progress-negative-total": (lambda: progress(range(2), total=-1), ValueError, "total.*-1"),
+    "progress-a-count-not-an-iterable": (lambda: list(progress(5)), TypeError, r"range\(5\)"),
 }
 
 
