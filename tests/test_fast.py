@@ -256,3 +256,16 @@ def test_bench_prints_compile_and_capture_twice_or_not_at_all():
     assert _setup_notes({"capture_s": 0.25}) == ["graph capture 250 ms"]
     assert _setup_notes({"compile_s": 2.0, "compiled": False}) == ["compile 2.00 s (compile failed: eager)"]
     assert _setup_notes({}) == []
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda g: g.setup_caches(0, 8), "batch_size must be an int >= 1, got 0"),
+    (lambda g: g.setup_caches(1, 2.5), "max_seq_len must be an int >= 1, got 2.5"),
+    (lambda g: g.warmup(-1, 4, 2), "batch_size must be an int >= 1, got -1"),
+    (lambda g: g.warmup(1, 4, -2), "max_new_tokens must be an int >= 0, got -2"),
+], ids=["batch-0", "float-length", "negative-batch", "negative-new-tokens"])
+def test_bad_sizes_crash_inside_torch(bundled, call, match):
+    gen = FastGenerator(bundled[0])
+    with pytest.raises(ValueError, match=match):
+        call(gen)
+    assert gen.k_cache is None, "a refused call allocated a cache"

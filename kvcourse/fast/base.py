@@ -40,9 +40,8 @@ class FastGeneratorBase:
         if not isinstance(llama, Llama):
             raise TypeError(f"{type(self).__name__} takes the course's Llama or a transformers LlamaForCausalLM, "
                             f"got {type(model).__name__}")
-        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                        or max_seq_len < 1):
-            raise ValueError(f"max_seq_len must be None or an int >= 1, got {max_seq_len!r}")
+        if max_seq_len is not None:
+            _check_count("max_seq_len", max_seq_len, 1, "None or an int")
         check_one_dtype_and_device(llama)
         a = llama.args
         if a.sliding_window is not None:
@@ -94,6 +93,8 @@ class FastGeneratorBase:
     @torch.inference_mode()
     def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
         """(Re)allocate the KV cache if it is too small for ``batch_size`` x ``max_seq_len``."""
+        _check_count("batch_size", batch_size, 1)
+        _check_count("max_seq_len", max_seq_len, 1)
         max_seq_len = max(max_seq_len, self.max_seq_len_requested)
         if batch_size <= self.batch_size and max_seq_len <= self.max_seq_len:
             return
@@ -269,6 +270,9 @@ class FastGeneratorBase:
         nor captures again. ``compile_seconds`` and ``capture_seconds`` record the two costs apart. If
         compilation fails (no working toolchain, an unsupported op), warn and fall back to eager.
         """
+        for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
+                                 ("max_new_tokens", max_new_tokens, 0)):
+            _check_count(name, value, low)
         t0 = time.perf_counter()
         self._warm = True
         self.setup_caches(batch_size, seq_len + max(max_new_tokens, 1))
@@ -299,3 +303,9 @@ class FastGeneratorBase:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _check_count(name: str, value, low: int, what: str = "an int") -> None:
+    """A clear ValueError unless ``value`` is an int (not a bool, not 2.5) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be {what} >= {low}, got {value!r}")
