@@ -7,6 +7,8 @@ shrinks it by num_heads / kv_heads compared with one K/V per query head.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .shapes import Shape, get_shape
@@ -30,10 +32,15 @@ def _dims(config) -> tuple[int, int, int, int]:
 
 
 def _count(name: str, value, minimum: int = 1) -> int:
-    """``value`` if it is an int >= minimum (not a bool, not 2.5); else a ValueError naming both."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int if it is one (a numpy or 0-d torch integer too) >= minimum; else a ValueError naming both.
+    A bool and a float (2.5, or 2.0) are refused: a count of layers or tokens is an integer."""
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return n
 
 
 def bytes_per_element(dtype: torch.dtype) -> int:
@@ -45,10 +52,10 @@ def bytes_per_element(dtype: torch.dtype) -> int:
 
 def kv_bytes_per_token_dims(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: int) -> int:
     """Bytes of K and V one token adds, from four numbers (notebook 05, exercise 1): 2 x layers x KV heads x head_dim x bytes."""
-    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                        ("bytes_per_element", bytes_per_element)):
-        _count(name, value)
-    return 2 * num_layers * num_kv_heads * head_dim * bytes_per_element
+    dims = [_count(name, value) for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                                                   ("head_dim", head_dim), ("bytes_per_element", bytes_per_element))]
+    layers, kv_heads, d, nbytes = dims
+    return 2 * layers * kv_heads * d * nbytes
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16, *, per_query_head: bool = False) -> int:
@@ -59,8 +66,7 @@ def kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16, *, per_query
 
 def kv_cache_bytes(config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16, **kw) -> int:
     """Bytes of the whole cache for ``batch_size`` sequences of ``seq_len`` tokens."""
-    _count("seq_len", seq_len, 0)
-    _count("batch_size", batch_size, 0)
+    seq_len, batch_size = _count("seq_len", seq_len, 0), _count("batch_size", batch_size, 0)
     return kv_bytes_per_token(config, dtype, **kw) * seq_len * batch_size
 
 
@@ -121,10 +127,13 @@ def param_count(config) -> int:
 
 def format_bytes(n: float, binary: bool = True) -> str:
     """``1342177280`` -> ``'1.25 GiB'`` (binary, powers of 1024) or ``'1.34 GB'`` (decimal, powers of 1000)."""
-    if isinstance(n, bool) or not isinstance(n, int | float):
+    if n is None or isinstance(n, bool | str):  # float() would take "12" and True
         raise TypeError(f"format_bytes takes a number of bytes, got {type(n).__name__} {n!r}")
+    try:
+        value = float(n)  # an int, a float, a numpy number or a 0-d tensor
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"format_bytes takes a number of bytes, got {type(n).__name__} {n!r}") from err
     base, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("B", "kB", "MB", "GB", "TB"))
-    value = float(n)
     for unit in units:
         if abs(value) < base or unit == units[-1]:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
