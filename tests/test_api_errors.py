@@ -391,6 +391,8 @@ def test_kv_bytes_of_a_negative_or_float_count_is_a_silent_wrong_number(call, ma
     with pytest.raises(ValueError, match=match):
         call(memory)
     assert memory.kv_cache_bytes("SmolLM2-135M", 8, 0) == 0  # 0 requests: 0 bytes, rightly
+    np = pytest.importorskip("numpy")
+    assert memory.kv_cache_bytes("SmolLM2-135M", np.int64(8)) == memory.kv_cache_bytes("SmolLM2-135M", 8)
 
 
 @pytest.mark.parametrize(("call", "match"), [

@@ -206,6 +206,8 @@ probe("quant.Int8KVCache.update", "batch-1 keys into a batch-3 cache (residual=0
       names=("(1, 2, 3, 8)",))
 probe("cache.CacheOverflowError", "one token past capacity", on(lambda: filled(kvcache("KVCache", cap=3)), "update",
                                                                 *kv(t=1), 0), names=("max_seq_len=3", "4"))
+probe("cache.KVCache.update", "zero new tokens", on(lambda: filled(kvcache("KVCache")), "update", *kv(t=0), 0),
+      result=lambda r: r[0].shape == (1, 2, 3, 8))
 probe("cache.KVCache.crop", "float", on(lambda: filled(kvcache("KVCache")), "crop", 1.5), names=("1.5",))
 probe("cache.KVCache.crop", "negative past the length", on(lambda: filled(kvcache("KVCache")), "crop", -4),
       names=("-4", "3"))
@@ -364,6 +366,14 @@ probe("generate.decode_one_token", "wrong batch for the cache",
       lambda: (lambda c: ((lambda: mod("generate").decode_one_token(llama(), ids(2, 1), c)), (c,)))(
           (lambda c: (mod("generate").prefill(llama(), ids(), c), c)[1])(kvcache("KVCache", cap=16))),
       names=("(2, 2, 1, 8)",))
+probe("generate.decode_one_token", "transformers model",
+      lambda: (lambda c: ((lambda: mod("generate").decode_one_token(hf(), ids(1, 1), c)), (c,)))(filled(kvcache("KVCache"))),
+      names=("LlamaForCausalLM", "Llama.from_hf"))
+probe("generate.decode_one_token", "token id >= vocab_size",
+      lambda: (lambda c: ((lambda: mod("generate").decode_one_token(llama(), torch.tensor([[V]]), c)), (c,)))(
+          filled(kvcache("KVCache"))), names=("vocab_size", str(V)))
+probe("generate.generate", "empty prompt", call(lambda: mod("generate").generate(llama(), torch.zeros(1, 0, dtype=torch.long),
+                                                                                 2)), names=("(1, 0)",))
 probe("generate.generate", "token id >= vocab_size", call(lambda: mod("generate").generate(llama(), torch.tensor([[V]]), 2)),
       names=("vocab_size", str(V)))
 probe("generate.generate", "eos_token_id from a tokenizer that has none (None) with pad None",
@@ -500,6 +510,8 @@ probe("fast.FastGeneratorBase.check_inputs", "eos with pad_token_id None (tokeni
       on(gen, "check_inputs", ids(), 2, None, 3, None), names=("pad_token_id", "None"))
 probe("fast.FastGeneratorBase.generate", "token id >= vocab_size", on(gen, "generate", torch.tensor([[2, V]]), 2),
       names=("vocab_size", str(V)))
+probe("fast.FastGeneratorBase.generate", "empty prompt", on(gen, "generate", torch.zeros(1, 0, dtype=torch.long), 2),
+      names=("(1, 0)",))
 probe("fast.FastGeneratorBase.generate", "float count", on(gen, "generate", ids(), 2.5), names=("2.5",))
 probe("fast.FastGeneratorBase.generate", "right-padded mask", on(gen, "generate", ids(2, 3), 2,
                                                                  attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]])),
@@ -851,12 +863,8 @@ XFAIL: dict[str, str] = {
     'llama.Llama.forward[negative token id]': 'llama: raw error, raised in torch/nn/functional.py:2615 (embedding): IndexError: index out of range in self',
     'fast.rms_norm[weight of another size]': 'fast: raw error, fused.py:21: return weight * x32.to(x.dtype): RuntimeError: The size of tensor a (4) must match the size of t',
     "fast.FusedBlock.from_layer[a transformers layer where the course's is expected]": "fast: raw error, raised in torch/nn/modules/module.py:1967 (__getattr__): AttributeError: 'LlamaDecoderLayer' object has no at",
-    'fast.FastGeneratorBase.setup_caches[0 requests]': 'fast: no error: returned None',
-    'fast.FastGeneratorBase.setup_caches[float length]': 'fast: raw error, base.py:104: self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device): TypeError: zeros(): arg',
     'fast.FastGeneratorBase.prefill[token id >= vocab_size]': 'fast: raw error, raised in torch/nn/functional.py:2615 (embedding): IndexError: index out of range in self',
     'fast.FastGeneratorBase.decode_one_token[the base class has no step]': "fast: the message lacks ['decode_one_token']: NotImplementedError: ",
-    'fast.FastGeneratorBase.warmup[0 requests]': 'fast: no error: returned 0.0006450400014728075',
-    'fast.StaticGenerator.setup_caches[float length]': 'fast: raw error, base.py:104: self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device): TypeError: zeros(): arg',
     'fast.StaticGenerator.decode_one_token[before setup_caches]': "fast: raw error, static.py:143: if token.shape != st.token.shape:: AttributeError: 'NoneType' object has no attribute 'token'",
     'fast.CudaGraphs.capture[cpu device]': 'fast: raw error, raised in torch/_utils.py:1034 (err_fn): RuntimeError: Tried to instantiate dummy base class CUDAGraph',
     'fast.CudaGraphs.run_on_side_stream[cpu device]': 'fast: raw error, raised in torch/cuda/streams.py:40 (__new__): RuntimeError: torch.cuda.Stream requires CUDA support',
