@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import nbformat
@@ -53,15 +54,26 @@ def sample_submissions(assignment: str, root: Path = ROOT, solved: int = 1) -> d
 
 
 def summary(csv_path: Path) -> str:
-    """Learner x assignment table of 'score / max' from nbgrader's grades.csv."""
-    rows = list(csv.DictReader(csv_path.open()))
+    """Learner x assignment table of 'score / max' from nbgrader's grades.csv (``nbgrader export``)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path} is missing: write it with `nbgrader export` in the course folder")
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    needed = ("student_id", "assignment", "score", "max_score")
+    lacks = [c for c in needed if c not in columns]
+    if lacks:
+        raise ValueError(f"{csv_path} is not nbgrader's grades.csv: expected columns {', '.join(needed)}, "
+                         f"{'it is empty' if not columns else 'it lacks ' + ', '.join(lacks)}")
     lines = ["| learner | assignment | score |", "|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["student_id"], r["assignment"])):
         lines.append(f"| {r['student_id']} | {r['assignment']} | {float(r['score']):g} / {float(r['max_score']):g} |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvcourse.instructor", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="write three sample submissions of an assignment into submitted/")
@@ -69,12 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("summary", help="print grades.csv as a table")
     m.add_argument("csv", nargs="?", default="grades.csv", type=Path)
     args = p.parse_args(argv)
-    if args.cmd == "sample":
-        for student, path in sample_submissions(args.assignment).items():
-            print(f"{student:8s} {path}")
-    else:
-        print(summary(args.csv))
+    try:
+        if args.cmd == "sample":
+            for student, path in sample_submissions(args.assignment).items():
+                print(f"{student:8s} {path}")
+        else:
+            print(summary(args.csv))
+    except (FileNotFoundError, ValueError) as e:  # a missing assignment or grades.csv: one line, not a traceback
+        print(f"python -m kvcourse.instructor {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

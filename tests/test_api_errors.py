@@ -463,3 +463,34 @@ def test_synchronize_of_an_unknown_device_fails_inside_torch():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"cannot synchronize 'cuda': this machine has no CUDA GPU"):
             kvcourse.synchronize("cuda")
+
+
+def test_instructor_summary_of_a_missing_or_empty_grades_csv_fails_inside_csv(tmp_path, capsys):
+    from kvcourse.instructor import main, summary
+
+    with pytest.raises(FileNotFoundError, match=r"grades\.csv is missing: write it with `nbgrader export`"):
+        summary(tmp_path / "grades.csv")
+    (tmp_path / "grades.csv").write_text("")
+    with pytest.raises(ValueError, match=r"not nbgrader's grades\.csv: expected columns .*it is empty"):
+        summary(tmp_path / "grades.csv")  # was a header-only table, as if nobody had been graded
+    (tmp_path / "grades.csv").write_text("student_id,assignment\na,ps1\n")
+    with pytest.raises(ValueError, match=r"it lacks score, max_score"):
+        summary(tmp_path / "grades.csv")  # was a KeyError from a dict
+    assert main(["summary", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv is missing" in capsys.readouterr().err
+
+
+def test_markdown_table_of_uneven_rows_fails_with_a_key_error():
+    from kvcourse.plots import markdown_table, show_table
+
+    with pytest.raises(ValueError, match=r"row 1 has keys \['a'\], but row 0 has \['a', 'b'\]"):
+        markdown_table([{"a": 1, "b": 2}, {"a": 3}])
+    with pytest.raises(TypeError, match=r"takes a list of dicts .*got a int: 1"):
+        show_table([1, 2])
+
+
+def test_line_plot_of_a_series_longer_than_x_fails_inside_matplotlib():
+    from kvcourse.plots import line_plot
+
+    with pytest.raises(ValueError, match=r"series 'a' has 3 values but x has 2"):
+        line_plot([1, 2], {"a": [1, 2, 3]}, xlabel="x", ylabel="y")

@@ -39,7 +39,7 @@ import kvcourse
 
 PACKAGE = Path(kvcourse.__file__).resolve().parent
 MODULES = ("batching", "window", "quant", "paged", "fast", "cache", "grading", "generate", "llama", "memory",
-           "models", "shapes", "checks", "timing", "devices")
+           "models", "shapes", "checks", "timing", "devices", "instructor", "cli", "plots")
 V = 64  # vocab of the tiny models
 
 
@@ -820,6 +820,31 @@ probe("devices.synchronize", "cuda, with or without a GPU", call(lambda: kvcours
       result=lambda r: r is None)
 probe("devices.synchronize", "None", call(lambda: kvcourse.synchronize(None)), names=("None",))
 
+# -- instructor, cli, plots -----------------------------------------------------------------------------
+probe("instructor.sample_submissions", "assignment missing", in_folder(lambda d: mod("instructor").sample_submissions(
+    "ps9", root=d)), names=("'ps9'",))
+probe("instructor.summary", "missing grades.csv", in_folder(lambda d: mod("instructor").summary(d / "grades.csv")),
+      names=("grades.csv", "nbgrader export"))
+probe("instructor.summary", "empty grades.csv", in_folder(lambda d: mod("instructor").summary(d / "grades.csv"),
+                                                          lambda d: (d / "grades.csv").write_text("")),
+      names=("grades.csv", "empty"))
+probe("instructor.summary", "a csv without the score columns", in_folder(
+    lambda d: mod("instructor").summary(d / "grades.csv"),
+    lambda d: (d / "grades.csv").write_text("student_id,assignment\na,ps1\n")), names=("score", "max_score"))
+probe("instructor.main", "summary of a missing file: exit 2", in_folder(
+    lambda d: quiet(mod("instructor").main, ["summary", str(d / "grades.csv")])), result=lambda rc: rc == 2)
+probe("cli.usage", "plain", call(lambda: mod("cli").usage()), result=lambda u: "bench" in u and "train" in u)
+probe("cli.main", "unknown command: exit 2", call(lambda: quiet(mod("cli").main, ["benchmark"])),
+      result=lambda rc: rc == 2)
+probe("cli.main", "no command: exit 2", call(lambda: quiet(mod("cli").main, [])), result=lambda rc: rc == 2)
+probe("plots.line_plot", "a series longer than x", call(lambda: mod("plots").line_plot(
+    [1, 2], {"a": [1, 2, 3]}, xlabel="x", ylabel="y")), names=("'a'", "3", "2"))
+probe("plots.markdown_table", "rows with different keys", call(lambda: mod("plots").markdown_table(
+    [{"a": 1, "b": 2}, {"a": 3}])), names=("row 1", "'b'"))
+probe("plots.markdown_table", "0 rows", call(lambda: mod("plots").markdown_table([])), result=lambda t: t == "")
+probe("plots.show_table", "rows that are not dicts", call(lambda: quiet(mod("plots").show_table, [1, 2])),
+      names=("dict", "int"))
+
 
 # Public names that take no input to probe, each with the reason.
 EXEMPT = {
@@ -861,14 +886,6 @@ XFAIL: dict[str, str] = {
     'llama.Llama[args of another kind]': 'llama: raw error, raised in transformers/integrations/heterogeneity/configuration_utils.py:312 (__getattribute__): AttributeErr',
     'llama.Llama.forward[token id >= vocab_size]': 'llama: raw error, raised in torch/nn/functional.py:2615 (embedding): IndexError: index out of range in self',
     'llama.Llama.forward[negative token id]': 'llama: raw error, raised in torch/nn/functional.py:2615 (embedding): IndexError: index out of range in self',
-    'fast.rms_norm[weight of another size]': 'fast: raw error, fused.py:21: return weight * x32.to(x.dtype): RuntimeError: The size of tensor a (4) must match the size of t',
-    "fast.FusedBlock.from_layer[a transformers layer where the course's is expected]": "fast: raw error, raised in torch/nn/modules/module.py:1967 (__getattr__): AttributeError: 'LlamaDecoderLayer' object has no at",
-    'fast.FastGeneratorBase.prefill[token id >= vocab_size]': 'fast: raw error, raised in torch/nn/functional.py:2615 (embedding): IndexError: index out of range in self',
-    'fast.FastGeneratorBase.decode_one_token[the base class has no step]': "fast: the message lacks ['decode_one_token']: NotImplementedError: ",
-    'fast.StaticGenerator.decode_one_token[before setup_caches]': "fast: raw error, static.py:143: if token.shape != st.token.shape:: AttributeError: 'NoneType' object has no attribute 'token'",
-    'fast.CudaGraphs.capture[cpu device]': 'fast: raw error, raised in torch/_utils.py:1034 (err_fn): RuntimeError: Tried to instantiate dummy base class CUDAGraph',
-    'fast.CudaGraphs.run_on_side_stream[cpu device]': 'fast: raw error, raised in torch/cuda/streams.py:40 (__new__): RuntimeError: torch.cuda.Stream requires CUDA support',
-    'fast.CudaGraphs.synchronize[cpu device]': 'fast: raw error, raised in torch/cuda/__init__.py:522 (_lazy_init): AssertionError: Torch not compiled with CUDA enabled',
 }
 
 
