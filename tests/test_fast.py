@@ -264,3 +264,29 @@ def test_bad_sizes_crash_inside_torch(bundled, call, match):
     with pytest.raises(ValueError, match=match):
         call(gen)
     assert gen.k_cache is None, "a refused call allocated a cache"
+
+
+def test_public_pieces_crash_inside_torch(bundled):
+    """rms_norm, FusedBlock.from_layer, prefill, decode before a prompt, CUDA graph calls on a CPU: kvcourse errors."""
+    from kvcourse.fast import CudaGraphs, FastGeneratorBase, FusedBlock, StaticGenerator, rms_norm
+
+    hf = bundled[0]
+    with pytest.raises(ValueError, match=r"weight must be \(8,\).*got \(4,\)"):
+        rms_norm(torch.ones(2, 8), torch.ones(4), 1e-5)
+    with pytest.raises(TypeError, match="got LlamaDecoderLayer: wrap a transformers model first"):
+        FusedBlock.from_layer(hf.model.layers[0])
+    gen = FastGenerator(hf)
+    with pytest.raises(ValueError, match=r"token ids in 0\.\.2047"):
+        gen.prefill(torch.tensor([[2, 2048]]))
+    with pytest.raises(ValueError, match=r"call setup_caches\(1, 2 \+ new tokens\) first"):
+        gen.prefill(torch.tensor([[2, 3]]))
+    with pytest.raises(ValueError, match="decode_one_token continues a prompt"):
+        gen.decode_one_token(torch.tensor([[2]]))
+    with pytest.raises(ValueError, match=r"call setup_caches\(batch_size, max_seq_len\)"):
+        StaticGenerator(hf).decode_one_token(torch.tensor([[2]]))
+    with pytest.raises(NotImplementedError, match="decode_one_token"):
+        FastGeneratorBase(hf).decode_one_token(torch.tensor([[2]]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, got cpu"):
+            CudaGraphs().capture(torch.device("cpu"), lambda: torch.zeros(1))
+        CudaGraphs().synchronize(torch.device("cpu"))  # nothing to wait for

@@ -185,6 +185,15 @@ class FastGeneratorBase:
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Checked ``_prefill``: the cache must hold the batch (``setup_caches``). ``generate`` is the whole loop."""
+        self.check_inputs(input_ids, 0, attention_mask)
+        b, t = input_ids.shape
+        if b > self.batch_size or t > self.max_seq_len:
+            raise ValueError(f"the cache holds {self.batch_size} rows x {self.max_seq_len} slots, the prompt needs "
+                             f"{b} x {t}: call setup_caches({b}, {t} + new tokens) first")
+        return self._prefill(input_ids, attention_mask)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The prompt at slots 0..T-1, eager (its length changes from call to call): logits (B, V) of its last
         position. A left-padded prompt gets each row's positions and the padding + causal mask from its mask."""
         t = input_ids.shape[1]
@@ -256,10 +265,12 @@ class FastGeneratorBase:
         return out
 
     def _begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no decode path (_begin): use DynamicGenerator, "
+                                  f"StaticGenerator or GraphedStaticGenerator")
 
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no decode step (decode_one_token): use "
+                                  f"DynamicGenerator, StaticGenerator or GraphedStaticGenerator")
 
     @torch.inference_mode()
     def warmup(self, batch_size: int = 1, seq_len: int = 8, max_new_tokens: int = 3) -> float:

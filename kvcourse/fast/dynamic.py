@@ -45,12 +45,15 @@ class DynamicGenerator(FastGeneratorBase):
             mask = torch.ones(b, t + max_new_tokens, dtype=torch.bool, device=self.device)  # (B, T + N)
             mask[:, :t] = attention_mask.bool()
             self._mask, self._positions = mask, positions_from_mask(mask)  # (B, T + N) each
-        return self.prefill(input_ids, attention_mask)
+        return self._prefill(input_ids, attention_mask)
 
     @torch.inference_mode()
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
         """token (B, 1) at slot ``self._pos``: logits (B, V); the next token goes to the next slot."""
         i = self._pos
+        if i == 0 or self.k_cache is None:
+            raise ValueError("decode_one_token continues a prompt: call generate(), or setup_caches and then _begin "
+                             "(prefill with the decode state), first")
         if i >= self.max_seq_len:
             raise CacheOverflowError(f"the cache holds max_seq_len={self.max_seq_len} tokens; position {i} does "
                                      f"not fit: call setup_caches with more, or generate() sizes it")

@@ -16,6 +16,9 @@ import torch
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, in float32, op for op as ``transformers``' ``LlamaRMSNorm``."""
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: weight must be ({x.shape[-1]},), the hidden size of x {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -39,6 +42,9 @@ class FusedBlock:
     @classmethod
     def from_layer(cls, layer) -> FusedBlock:
         """Fuse one ``kvcourse.llama`` decoder layer (copies of q/k/v and gate/up, the rest shared)."""
+        if not all(hasattr(layer, name) for name in ("attn", "mlp", "attn_norm", "mlp_norm")):
+            raise TypeError(f"FusedBlock.from_layer takes a decoder layer of the course's Llama (.attn, .mlp), got "
+                            f"{type(layer).__name__}: wrap a transformers model first, kvcourse.Llama.from_hf(model)")
         att, mlp = layer.attn, layer.mlp
         wqkv, bqkv = _cat_rows(att.q_proj, att.k_proj, att.v_proj)
         w_gu, b_gu = _cat_rows(mlp.gate_proj, mlp.up_proj)

@@ -34,6 +34,7 @@ class CudaGraphs:
         return device.type == "cuda" and torch.cuda.is_available()
 
     def run_on_side_stream(self, device: torch.device, fn: Callable[[], object]) -> None:
+        self._require(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -42,13 +43,20 @@ class CudaGraphs:
 
     def capture(self, device: torch.device, fn: Callable[[], torch.Tensor]):
         """(graph, output buffer): the kernels of ``fn`` recorded, not run; ``graph.replay()`` runs them."""
+        self._require(device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = fn()
         return graph, out
 
     def synchronize(self, device: torch.device) -> None:
-        torch.cuda.synchronize(device)
+        if torch.device(device).type == "cuda":  # nothing runs asynchronously elsewhere
+            torch.cuda.synchronize(device)
+
+    def _require(self, device: torch.device) -> None:
+        if not self.available(torch.device(device)):
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}"
+                             + ("" if torch.cuda.is_available() else " (this torch sees no CUDA device)"))
 
 
 class GraphedStaticGenerator(StaticGenerator):

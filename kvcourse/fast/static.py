@@ -104,7 +104,7 @@ class StaticGenerator(FastGeneratorBase):
     def _begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> torch.Tensor:
         """Prefill every row (left-padded rows share one length T), then point each row's buffers at slot T."""
         b, t = input_ids.shape
-        logits = self.prefill(input_ids, attention_mask)  # eager: the prompt's length changes from call to call
+        logits = self._prefill(input_ids, attention_mask)  # eager: the prompt's length changes from call to call
         st = self.state
         prompt_mask = (torch.ones(b, t, dtype=torch.bool, device=self.device) if attention_mask is None
                        else attention_mask.bool())  # (B, T)
@@ -140,6 +140,9 @@ class StaticGenerator(FastGeneratorBase):
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
         """token (B, 1), each row at its own slot: logits (B, V); every row then moves on by one slot."""
         st = self.state
+        if st is None:
+            raise ValueError("decode_one_token needs the batch's buffers: call setup_caches(batch_size, max_seq_len) "
+                             "and prefill_row (or generate) first")
         if token.shape != st.token.shape:
             raise ValueError(f"token must be (batch, 1) = {tuple(st.token.shape)}, got {tuple(token.shape)}")
         if max(st.lengths) >= self.max_seq_len:
