@@ -25,6 +25,7 @@ import importlib
 import inspect
 import io
 import linecache
+import shutil
 import sqlite3
 import traceback
 from collections.abc import Callable
@@ -946,6 +947,15 @@ def outcome(p: Probe) -> str | None:
     """None if the probe holds; else what went wrong, in words."""
     torch.manual_seed(0)
     fn, state = p.setup()
+    try:
+        return _judge(p, fn, state)
+    finally:
+        for s in state:
+            if isinstance(s, Folder):
+                shutil.rmtree(s.path, ignore_errors=True)
+
+
+def _judge(p: Probe, fn, state) -> str | None:
     before = [snapshot(s) for s in state]
     try:
         got = fn()
