@@ -10,6 +10,7 @@ the same order as ``transformers``' ``LlamaForCausalLM`` (so float32 tokens are 
   ``logits_to_keep=1``), the checks ``kvcourse.generate`` makes, and gpt-fast's loop: ``prefill``, then
   ``decode_one_token``. Tokens stay on the device (no ``.item()``: the host never waits unless EOS
   ids are given); ``torch.inference_mode``; ``warmup()`` compiles and captures, timed apart;
+- ``checks.py``: the argument checks, ``kvcourse.generate``'s own (EOS ids, left padding, vocab range);
 - ``dynamic.py``: ``DynamicGenerator``: decode attends over the filled slots ``[:pos + 1]``;
 - ``static.py``: ``StaticGenerator``: decode attends over the whole buffer with a mask, every input
   read from a tensor (per-row slots, so rows may sit at different lengths);

@@ -23,8 +23,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..generate import as_llama, check_generate_args, check_left_padded, check_token_id, normalize_eos
-from ..llama import Llama, check_attention_mask, padding_causal_mask, positions_from_mask
+from ..generate import as_llama
+from ..llama import Llama, padding_causal_mask, positions_from_mask
+from .checks import check_count as _check_count
+from .checks import check_inputs
 from .fused import FusedBlock, check_one_dtype_and_device, rms_norm
 
 
@@ -205,24 +207,10 @@ class FastGeneratorBase:
 
     # ---- generation ---------------------------------------------------------------------------------
     def check_inputs(self, input_ids, max_new_tokens, attention_mask=None, eos_token_id=None, pad_token_id=None):
-        """Everything ``kvcourse.generate.generate`` refuses, refused with the same words; returns the EOS ids
-        (``normalize_eos``: a 1-D tensor, or None) and the pad id. Nothing is changed when it raises."""
-        check_generate_args(input_ids, max_new_tokens, self.device)
-        b, t = input_ids.shape
-        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host read, before anything runs
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"input_ids must be token ids in 0..{self.vocab_size - 1} (the model's vocab_size), got "
-                             f"ids from {lo} to {hi}")
-        if attention_mask is not None:
-            check_attention_mask(attention_mask, b, t, self.device)
-            check_left_padded(attention_mask)
-        eos = normalize_eos(eos_token_id, self.vocab_size, self.device)
-        if eos is not None:
-            if pad_token_id is None:
-                raise ValueError("eos_token_id needs a pad_token_id: finished rows are filled with it (as in "
-                                 "transformers); got pad_token_id=None")
-            pad_token_id = check_token_id("pad_token_id", pad_token_id, self.vocab_size)
-        return eos, pad_token_id
+        """Everything ``kvcourse.generate.generate`` refuses, refused with the same words (``checks.py``);
+        returns the EOS ids (a 1-D tensor, or None) and the pad id. Nothing is changed when it raises."""
+        return check_inputs(input_ids, max_new_tokens, self.device, self.vocab_size, attention_mask, eos_token_id,
+                            pad_token_id)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
@@ -315,8 +303,3 @@ class FastGeneratorBase:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-
-def _check_count(name: str, value, low: int, what: str = "an int") -> None:
-    """A clear ValueError unless ``value`` is an int (not a bool, not 2.5) >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be {what} >= {low}, got {value!r}")
