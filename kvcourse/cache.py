@@ -249,10 +249,11 @@ class StaticKVCache(KVCache):
     def cache_position(self, num_tokens: int, layer_idx: int = 0) -> torch.Tensor:
         """(T,) long on the cache's device: the slots the next ``num_tokens`` tokens of layer ``layer_idx`` go to.
 
-        In eager mode it refuses to pass the capacity (``CacheOverflowError`` naming both); while
-        ``torch.compile`` traces, that check, which reads the position back to the host, is skipped.
+        In eager mode it refuses to pass the capacity (``CacheOverflowError`` naming both). That check reads
+        the position back to the host, which neither a traced nor a captured step may do: it is skipped while
+        ``torch.compile`` traces and while a CUDA stream captures a graph.
         """
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not (self.position.is_cuda and torch.cuda.is_current_stream_capturing()):
             held = int(self.position[layer_idx])
             if held + num_tokens > self.max_seq_len:
                 raise CacheOverflowError(
