@@ -58,10 +58,38 @@ def _check_kv(key: torch.Tensor, value: torch.Tensor, layer_idx: int, num_layers
             f"key and value must have the same dtype and device; got key {key.dtype} on {key.device}, "
             f"value {value.dtype} on {value.device}"
         )
+    _check_layer(layer_idx, num_layers)
+
+
+def _check_fits(key: torch.Tensor, held: torch.Tensor, layer_idx: int) -> None:
+    """New keys (B, KV, T, D) must match the held buffer (B, KV, S, D) in every axis but the sequence axis."""
+    if key.shape[0] != held.shape[0] or key.shape[1] != held.shape[1] or key.shape[3] != held.shape[3]:
+        raise ValueError(
+            f"key {tuple(key.shape)} does not fit layer {layer_idx} of this cache: its (batch, kv_heads, seq, head_dim) "
+            f"= {tuple(held.shape[:2])} + (seq, {held.shape[3]})"
+        )
+
+
+def _check_layer(layer_idx: int, num_layers: int) -> None:
+    """A layer index is an int in 0..num_layers-1 (a Python int: checking it costs no device read)."""
     if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
         raise TypeError(f"layer_idx must be an int, got {layer_idx!r}")
     if not 0 <= layer_idx < num_layers:
         raise IndexError(f"layer_idx {layer_idx} out of range: this cache has {num_layers} layers")
+
+
+def _check_sizes(**sizes: int) -> None:
+    """Each size (num_layers, batch_size, ...) must be a positive int; the message names the first that is not."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+        if value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value}")
+
+
+def _host_reads_allowed(t: torch.Tensor) -> bool:
+    """False while ``torch.compile`` traces or a CUDA stream captures a graph: no check may read a tensor then."""
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _check_same_kind(key: torch.Tensor, held: torch.Tensor, layer_idx: int) -> None:
@@ -114,6 +142,7 @@ class ConcatKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        _check_layer(layer_idx, self.num_layers)
         k = self.keys[layer_idx]
         return 0 if k is None else k.shape[2]
 
@@ -139,8 +168,8 @@ class KVCache:
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if min(num_layers, batch_size, num_kv_heads, head_dim, max_seq_len) <= 0:
-            raise ValueError("num_layers, batch_size, num_kv_heads, head_dim and max_seq_len must all be positive")
+        _check_sizes(num_layers=num_layers, batch_size=batch_size, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                     max_seq_len=max_seq_len)
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)  # (B, KV, S_max, D)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -169,11 +198,7 @@ class KVCache:
         """
         _check_kv(key, value, layer_idx, self.num_layers)
         buf_k = self.keys[layer_idx]
-        if key.shape[0] != buf_k.shape[0] or key.shape[1] != buf_k.shape[1] or key.shape[3] != buf_k.shape[3]:
-            raise ValueError(
-                f"key {tuple(key.shape)} does not fit this cache's (batch, kv_heads, seq, head_dim) = "
-                f"{tuple(buf_k.shape[:2])} + (seq, {buf_k.shape[3]})"
-            )
+        _check_fits(key, buf_k, layer_idx)
         _check_same_kind(key, buf_k, layer_idx)  # a silent cast would hide a model/cache dtype mismatch
         start = self.lengths[layer_idx]
         end = start + key.shape[2]
@@ -188,6 +213,7 @@ class KVCache:
         return buf_k[:, :, :end], self.values[layer_idx][:, :, :end]  # (B, KV, end, D): a view that grows
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        _check_layer(layer_idx, self.num_layers)
         return self.lengths[layer_idx]
 
     def reset(self) -> None:
@@ -233,7 +259,9 @@ class StaticKVCache(KVCache):
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.position = torch.zeros(max(num_layers, 0), dtype=torch.long, device=device)  # (L,): tokens per layer
+        _check_sizes(num_layers=num_layers, batch_size=batch_size, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                     max_seq_len=max_seq_len)
+        self.position = torch.zeros(num_layers, dtype=torch.long, device=device)  # (L,): tokens per layer
         super().__init__(num_layers, batch_size, num_kv_heads, head_dim, max_seq_len, dtype=dtype, device=device)
         self.slot_mask = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # (B, S)
 
@@ -253,7 +281,12 @@ class StaticKVCache(KVCache):
         the position back to the host, which neither a traced nor a captured step may do: it is skipped while
         ``torch.compile`` traces and while a CUDA stream captures a graph.
         """
-        if not torch.compiler.is_compiling() and not (self.position.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _check_layer(layer_idx, self.num_layers)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int | torch.SymInt):
+            raise TypeError(f"num_tokens must be an int (how many new tokens), got {num_tokens!r}")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0 (how many new tokens), got {num_tokens}")
+        if _host_reads_allowed(self.position):
             held = int(self.position[layer_idx])
             if held + num_tokens > self.max_seq_len:
                 raise CacheOverflowError(
@@ -267,11 +300,7 @@ class StaticKVCache(KVCache):
         """Write key/value (B, KV, T_new, D) at the cache's position; return the whole buffers (B, KV, S_max, D)."""
         _check_kv(key, value, layer_idx, self.num_layers)
         buf_k, buf_v = self.keys[layer_idx], self.values[layer_idx]
-        if key.shape[0] != buf_k.shape[0] or key.shape[1] != buf_k.shape[1] or key.shape[3] != buf_k.shape[3]:
-            raise ValueError(
-                f"key {tuple(key.shape)} does not fit this cache's (batch, kv_heads, seq, head_dim) = "
-                f"{tuple(buf_k.shape[:2])} + (seq, {buf_k.shape[3]})"
-            )
+        _check_fits(key, buf_k, layer_idx)
         _check_same_kind(key, buf_k, layer_idx)
         cache_position = self.cache_position(key.shape[2], layer_idx)  # (T,): checked before anything is written
         buf_k.index_copy_(2, cache_position, key)  # in place, at slots read from a tensor
@@ -287,6 +316,17 @@ class StaticKVCache(KVCache):
         Query i sees slot j when j holds a real token and j <= cache_position[i] (not its future, and not a
         slot left over from before ``reset()``).
         """
+        if not isinstance(cache_position, torch.Tensor) or cache_position.dim() != 1 or cache_position.dtype != torch.long:
+            got = (f"{tuple(cache_position.shape)} {cache_position.dtype}" if isinstance(cache_position, torch.Tensor)
+                   else type(cache_position).__name__)
+            raise ValueError(f"cache_position must be a (T,) torch.long tensor of slots, got {got}")
+        if cache_position.numel() and _host_reads_allowed(cache_position):  # eager only: reads the slots back
+            lo, hi = int(cache_position.min()), int(cache_position.max())
+            if lo < 0 or hi >= self.max_seq_len:
+                raise IndexError(
+                    f"cache_position holds slots {lo}..{hi}, outside this cache's 0..{self.max_seq_len - 1} "
+                    f"(max_seq_len={self.max_seq_len}): ask cache_position(T) for the slots before writing"
+                )
         b, t = self.slot_mask.shape[0], cache_position.shape[0]
         if real is None:
             real = torch.ones(b, t, dtype=torch.bool, device=self.slot_mask.device)
@@ -299,6 +339,7 @@ class StaticKVCache(KVCache):
         return self.slot_mask[:, None, None, :] & causal[None, None]  # (B, 1, T, S)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        _check_layer(layer_idx, self.num_layers)
         return int(self.position[layer_idx])
 
     def reset(self) -> None:

@@ -36,7 +36,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import _check_sizes, _host_reads_allowed
+from .window import check_window_cache
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# The config fields LlamaArgs.from_config reads (transformers' LlamaConfig names).
+_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "rms_norm_eps")
+
+
+def _check_args(a, who: str) -> None:
+    if not isinstance(a, LlamaArgs):
+        raise TypeError(f"{who} takes a LlamaArgs, got {type(a).__name__}; for a transformers config use "
+                        f"LlamaArgs.from_config(config)")
+
+
+def _check_last_dim(x: torch.Tensor, size: int, who: str, what: str) -> None:
+    """A static shape check (free under torch.compile): x's last axis must be ``size``."""
+    if x.shape[-1] != size:
+        raise ValueError(f"{who} expects {what} of size {size} on the last axis, got x of shape {tuple(x.shape)} "
+                         f"(last axis {x.shape[-1]})")
 
 
 @dataclass
@@ -54,8 +75,26 @@ class LlamaArgs:
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral: a query sees itself and the W - 1 tokens before it
 
+    def __post_init__(self) -> None:
+        _check_sizes(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                     intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
+                     num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
+                             f"(grouped-query attention: each KV head serves the same number of query heads)")
+        if self.sliding_window is not None:
+            _check_sizes(sliding_window=self.sliding_window)
+
     @classmethod
     def from_config(cls, config) -> LlamaArgs:
+        """The sizes of a Llama-style ``transformers`` config (LlamaConfig, MistralConfig); anything else is refused."""
+        missing = [n for n in _CONFIG_FIELDS if getattr(config, n, None) is None]
+        if missing:
+            raise TypeError(
+                f"LlamaArgs.from_config expects a Llama-style config (LlamaConfig, MistralConfig), got "
+                f"{type(config).__name__}, which lacks {', '.join(missing)}"
+            )
+        _check_sizes(**{n: getattr(config, n) for n in _CONFIG_FIELDS if n != "rms_norm_eps"})
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rope = getattr(config, "rope_parameters", None) or {}
         return cls(
@@ -74,10 +113,12 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
+        _check_sizes(dim=dim)
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_last_dim(x, self.weight.shape[0], "RMSNorm", "features")
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -103,6 +144,11 @@ def rope_from_config(config) -> tuple[torch.Tensor, float]:
     scaled types). Raises ``ValueError``, naming the type, for any type not in ``SUPPORTED_ROPE_TYPES``.
     """
     params = getattr(config, "rope_parameters", None) or {}
+    if not params and getattr(config, "rope_theta", None) is None:
+        raise ValueError(
+            f"rope_from_config needs a config with RoPE settings (rope_parameters or rope_theta, as LlamaConfig has); "
+            f"this {type(config).__name__} has neither: its model does not use rotary position embeddings"
+        )
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         why = _ROPE_REFUSALS.get(rope_type, "a RoPE variant the from-scratch forward does not implement").format(
@@ -137,6 +183,9 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (first half, second half) pair of x by its position's angle. x: (B, H, T, D)."""
+    if cos.shape[-1] != x.shape[-1] or sin.shape[-1] != x.shape[-1]:
+        raise ValueError(f"apply_rope: x {tuple(x.shape)} has head_dim {x.shape[-1]}, but cos {tuple(cos.shape)} and "
+                         f"sin {tuple(sin.shape)} were made for head_dim {cos.shape[-1]}")
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, D)
     return x * cos + rotated * sin
@@ -144,6 +193,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """GQA: each KV head serves n_rep query heads. (B, KV, T, D) -> (B, KV * n_rep, T, D)."""
+    if isinstance(n_rep, bool) or not isinstance(n_rep, int) or n_rep < 1:
+        raise ValueError(f"repeat_kv: n_rep (query heads per KV head) must be an int >= 1, got {n_rep!r}")
+    if x.dim() != 4:
+        raise ValueError(f"repeat_kv expects x of shape (batch, kv_heads, seq, head_dim), got {tuple(x.shape)}")
     if n_rep == 1:
         return x
     b, kv, t, d = x.shape
@@ -158,6 +211,9 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | str = "cpu", q_of
     the one new query sees every cached key. ``q_offset`` places the first query elsewhere (query i
     sees keys 0..q_offset+i): a static-shape cache has k_len = its capacity, with empty slots after.
     """
+    if q_offset is None and q_len > k_len:
+        raise ValueError(f"causal_mask({q_len}, {k_len}): the {q_len} queries are the last of the keys, so q_len must "
+                         f"be <= k_len, got q_len={q_len} > k_len={k_len}")
     offset = k_len - q_len if q_offset is None else q_offset
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=offset)
 
@@ -171,6 +227,9 @@ def sliding_window_mask(mask: torch.Tensor | None, q_len: int, k_len: int, start
     Mistral uses it). ``mask``: the causal (and padding) mask built so far, (B or 1, 1, q_len, k_len), or
     ``None`` for causal only. Returns (B or 1, 1, q_len, k_len).
     """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window_mask: window must be an int >= 1 (a query sees itself and window - 1 "
+                         f"earlier tokens), got {window!r}")
     q_pos = torch.arange(start_pos, start_pos + q_len, device=device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(k_len, device=device)[None, :]  # (1, K)
     inside = (k_pos > q_pos - window) & (k_pos <= q_pos)  # (Tq, K)
@@ -195,6 +254,9 @@ def padding_causal_mask(attention_mask: torch.Tensor, q_len: int, k_len: int | N
     tokens; a static-shape cache passes its capacity as ``k_len``, and the slots past the mask count as
     padding. A padding query sees nothing at all; ``scaled_dot_product_attention`` returns zeros for such a row.
     """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"padding_causal_mask: attention_mask must be (batch, seq) of 0/1, got {got}")
     filled = attention_mask.shape[1]
     k_len = filled if k_len is None else k_len
     future = causal_mask(q_len, k_len, attention_mask.device, q_offset=filled - q_len)  # (Tq, K)
@@ -209,6 +271,12 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     mask: ``None`` (causal only) or a boolean (B, 1, Tq, Tk) that already holds the causal part
     (``padding_causal_mask``).
     """
+    if (q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2]
+            or q.shape[-1] != k.shape[-1]):
+        raise ValueError(
+            f"sdpa_attention expects q (B, H, Tq, D) and k, v (B, H, Tk, D) with the same B, H and D, got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (repeat the KV heads with repeat_kv first)"
+        )
     tq, tk = q.shape[-2], k.shape[-2]
     if mask is None and tq > 1:
         mask = causal_mask(tq, tk, q.device)
@@ -218,6 +286,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 class Attention(nn.Module):
     def __init__(self, a: LlamaArgs, layer_idx: int):
         super().__init__()
+        _check_args(a, "Attention")
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.bias)
@@ -227,6 +296,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 attn_fn: AttentionFn = sdpa_attention, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
+            raise ValueError(f"Attention expects x of shape (batch, seq, hidden_size={self.q_proj.in_features}), "
+                             f"got {tuple(x.shape)}")
         b, t, _ = x.shape  # (B, T, C)
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -247,23 +319,28 @@ class MLP(nn.Module):
 
     def __init__(self, a: LlamaArgs):
         super().__init__()
+        _check_args(a, "MLP")
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_last_dim(x, self.gate_proj.in_features, "MLP", "hidden_size")
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, a: LlamaArgs, layer_idx: int):
         super().__init__()
+        _check_args(a, "Block")
         self.attn_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.attn = Attention(a, layer_idx)
         self.mlp_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
     def forward(self, x, cos, sin, cache=None, attn_fn: AttentionFn = sdpa_attention, mask=None):
+        if x.dim() != 3:
+            raise ValueError(f"Block expects x of shape (batch, seq, hidden_size), got {tuple(x.shape)}")
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, attn_fn, mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -273,6 +350,7 @@ class Llama(nn.Module):
 
     def __init__(self, a: LlamaArgs):
         super().__init__()
+        _check_args(a, "Llama")
         self.args = a
         self.embed = nn.Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_layers))
@@ -355,6 +433,12 @@ class Llama(nn.Module):
                    else type(input_ids).__name__)
             raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids (torch.long), got {got}")
         t = input_ids.shape[1]
+        if _host_reads_allowed(input_ids):  # one device read, skipped while compiling or capturing
+            vocab = self.args.vocab_size
+            if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+                lo, hi = int(input_ids.min()), int(input_ids.max())
+                raise ValueError(f"input_ids must be token ids in 0..vocab_size-1 = 0..{vocab - 1} "
+                                 f"(vocab_size={vocab}), got ids from {lo} to {hi}")
         x = self.embed(input_ids)  # (B, T, C)
         static = getattr(cache, "static_shape", False)  # the cache returns its whole (B, KV, S_max, D) buffers
         window = self.args.sliding_window
@@ -377,6 +461,7 @@ class Llama(nn.Module):
         static one in a plain step)."""
         b, t = input_ids.shape
         mask = None
+        check_window_cache(self, cache)  # a ring on a model without a window, or one smaller than its window
         static = getattr(cache, "static_shape", False)
         past = cache.get_seq_length() if cache is not None else 0
         if start_pos is None:

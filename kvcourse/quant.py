@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import CacheOverflowError, _check_kv, _check_same_kind
+from .cache import CacheOverflowError, _check_fits, _check_kv, _check_same_kind
 
 QMAX = 127  # int8 absmax uses -127..127, symmetric (-128 is left out)
 
@@ -121,11 +121,7 @@ class Int8KVCache:
         as stored (int8 ones dequantized, residual ones exact), then the new ones as given."""
         _check_kv(key, value, layer_idx, self.num_layers)
         held = self.qk[layer_idx]
-        if key.shape[0] != held.shape[0] or key.shape[1] != held.shape[1] or key.shape[3] != held.shape[3]:
-            raise ValueError(
-                f"key {tuple(key.shape)} does not fit this cache's (batch, kv_heads, seq, head_dim) = "
-                f"{tuple(held.shape[:2])} + (seq, {held.shape[3]})"
-            )
+        _check_fits(key, held, layer_idx)
         _check_same_kind(key, self.rk[layer_idx], layer_idx)  # a silent cast would hide a model/cache dtype mismatch
         nq, nr, t = self.quantized[layer_idx], self.in_residual[layer_idx], key.shape[2]
         end = nq + nr + t

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import _check_kv, _check_same_kind
+from .cache import _check_fits, _check_kv, _check_same_kind
 
 
 def model_window(model) -> int | None:
@@ -124,9 +124,7 @@ class SlidingWindowCache:
         """Store key/value (B, KV, T, D); return the kept past (up to W - 1 tokens) and the new ones, in time order."""
         _check_kv(key, value, layer_idx, self.num_layers)
         ring_k, ring_v = self.keys[layer_idx], self.values[layer_idx]
-        if key.shape[0] != ring_k.shape[0] or key.shape[1] != ring_k.shape[1] or key.shape[3] != ring_k.shape[3]:
-            raise ValueError(f"key {tuple(key.shape)} does not fit this cache's (batch, kv_heads, seq, head_dim) = "
-                             f"{tuple(ring_k.shape[:2])} + (seq, {ring_k.shape[3]})")
+        _check_fits(key, ring_k, layer_idx)
         _check_same_kind(key, ring_k, layer_idx)  # a silent cast would hide a model/cache dtype mismatch
         seen, t = self.lengths[layer_idx], key.shape[2]
         kept = min(seen, self.window - 1)

@@ -855,38 +855,6 @@ EXEMPT = {
 
 # Probes of behaviour owned by another change that is still wrong: probe id -> what happens today.
 XFAIL: dict[str, str] = {
-    'cache.KVCache[float count]': 'cache: raw error, cache.py:145: self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]: TypeEr',
-    'cache.KVCache[negative count]': "cache: the message lacks ['-1']: ValueError: num_layers, batch_size, num_kv_heads, head_dim and max_seq_len must all be positiv",
-    'cache.StaticKVCache[float count]': 'cache: raw error, cache.py:145: self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]: TypeEr',
-    'cache.StaticKVCache[negative count]': "cache: the message lacks ['-1']: ValueError: num_layers, batch_size, num_kv_heads, head_dim and max_seq_len must all be positiv",
-    'cache.KVCache[block size 0 (capacity 0)]': "cache: the message lacks ['0']: ValueError: num_layers, batch_size, num_kv_heads, head_dim and max_seq_len must all be positive",
-    'cache.KVCache.for_model[float count]': 'cache: raw error, cache.py:145: self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]: TypeEr',
-    'cache.KVCache.get_seq_length[layer index out of range]': 'cache: raw error, cache.py:191: return self.lengths[layer_idx]: IndexError: list index out of range',
-    'cache.StaticKVCache.get_seq_length[layer index out of range]': 'cache: raw error, cache.py:301: return int(self.position[layer_idx]): IndexError: index 5 is out of bounds for dimension 0 with',
-    'cache.ConcatKVCache.get_seq_length[layer index out of range]': 'cache: raw error, cache.py:117: k = self.keys[layer_idx]: IndexError: list index out of range',
-    'cache.StaticKVCache.cache_position[negative count]': 'cache: raw error, cache.py:263: return self.position[layer_idx] + torch.arange(num_tokens, device=self.position.device) # (T,):',
-    'cache.StaticKVCache.mask[slots past capacity]': 'cache: raw error, cache.py:295: self.slot_mask.index_copy_(1, cache_position, real) # (B, S): in place: IndexError: index_copy_',
-    'llama.LlamaArgs.from_config[a GPT-2 config]': 'llama: raw error, raised in transformers/integrations/heterogeneity/configuration_utils.py:312 (__getattribute__): AttributeErr',
-    'llama.LlamaArgs[negative heads]': 'llama: no error: returned LlamaArgs(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=-4, n',
-    'llama.RMSNorm[zero dim]': 'llama: no error: returned RMSNorm()',
-    'llama.RMSNorm.forward[wrong hidden size]': 'llama: raw error, llama.py:83: return self.weight * x32.to(x.dtype): RuntimeError: The size of tensor a (8) must match the size',
-    'llama.rope_from_config[a GPT-2 config (no rope)]': 'llama: no error: returned (tensor([1.0000, 0.1000, 0.0100, 0.0010]), 1.0)',
-    'llama.apply_rope[cos of another head_dim]': 'llama: raw error, llama.py:142: return x * cos + rotated * sin: RuntimeError: The size of tensor a (8) must match the size of t',
-    'llama.repeat_kv[n_rep 0]': 'llama: no error: returned tensor([], size=(1, 0, 3, 8))',
-    'llama.repeat_kv[wrong rank]': 'llama: raw error, llama.py:149: b, kv, t, d = x.shape: ValueError: not enough values to unpack (expected 4, got 3)',
-    'llama.causal_mask[more queries than keys]': 'llama: no error: returned tensor([[False, False, False], [False, False, False], [ True, False, False], [ True, True, False], [ ',
-    'llama.sliding_window_mask[window 0]': 'llama: no error: returned tensor([[[[False, False, False, False], [False, False, False, False]]]])',
-    'llama.padding_causal_mask[1-D mask]': 'llama: raw error, llama.py:198: filled = attention_mask.shape[1]: IndexError: tuple index out of range',
-    'llama.sdpa_attention[k of another head_dim]': 'llama: raw error, llama.py:215: return F.scaled_dot_product_attention(q, k, v, attn_mask=mask) # (B, H, Tq, D): RuntimeError: E',
-    'llama.Attention[args of another kind]': 'llama: raw error, raised in transformers/integrations/heterogeneity/configuration_utils.py:312 (__getattribute__): AttributeErr',
-    'llama.Attention.forward[wrong hidden size]': 'llama: raw error, raised in torch/nn/modules/linear.py:134 (forward): RuntimeError: mat1 and mat2 shapes cannot be multiplied (',
-    'llama.MLP[args of another kind]': 'llama: no error: returned MLP( (gate_proj): Linear(in_features=32, out_features=48, bias=False) (up_proj): Linear(in_features=3',
-    'llama.MLP.forward[wrong hidden size]': 'llama: raw error, raised in torch/nn/modules/linear.py:134 (forward): RuntimeError: mat1 and mat2 shapes cannot be multiplied (',
-    'llama.Block[args of another kind]': 'llama: raw error, raised in transformers/integrations/heterogeneity/configuration_utils.py:312 (__getattribute__): AttributeErr',
-    'llama.Block.forward[wrong rank]': 'llama: raw error, llama.py:230: b, t, _ = x.shape # (B, T, C): ValueError: not enough values to unpack (expected 3, got 2)',
-    'llama.Llama[args of another kind]': 'llama: raw error, raised in transformers/integrations/heterogeneity/configuration_utils.py:312 (__getattribute__): AttributeErr',
-    'llama.Llama.forward[token id >= vocab_size]': 'llama: raw error, raised in torch/nn/functional.py:2615 (embedding): IndexError: index out of range in self',
-    'llama.Llama.forward[negative token id]': 'llama: raw error, raised in torch/nn/functional.py:2615 (embedding): IndexError: index out of range in self',
 }
 
 
