@@ -429,3 +429,28 @@ def test_cli_does_not_reach_bench_or_train(capsys):
     assert "unknown command" in capsys.readouterr().err
     assert cli.main([]) == 2
     assert cli.main(["--help"]) == 0
+
+
+def test_a_model_that_fits_in_the_cpu_cache_got_a_dram_floor(tmp_path):
+    """The bundled model (9.6 MB) read from a 32 MiB last-level cache was shown as "76% of the DRAM floor"."""
+    from kvcourse.bench.bandwidth import cache_resident, last_level_cache_bytes
+    from kvcourse.bench.report import full_table
+
+    for level, size in ((1, "48K"), (2, "2048K"), (3, "32768K")):
+        index = tmp_path / f"index{level}"
+        index.mkdir()
+        (index / "level").write_text(f"{level}\n")
+        (index / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path) == 32 * 2**20
+    assert last_level_cache_bytes(tmp_path / "missing") is None
+    cpu, llc = torch.device("cpu"), 32 * 2**20
+    why = cache_resident(9.6e6, cpu, llc)
+    assert why and why.startswith("fits in cache") and "9.6 MB" in why and "32 MiB" in why
+    assert cache_resident(538e6, cpu, llc) is None  # SmolLM2-135M's weights: DRAM sets the floor
+    assert cache_resident(9.6e6, torch.device("meta"), llc) is None  # not a CPU: no CPU cache to fit in
+    row = {"label": "course: fast path", "bandwidth_floor_fraction": None, "missing": {"bandwidth_floor_fraction": why},
+           "unreliable": False, "unreliable_reasons": []}
+    case = {"model": "bundled", "prompt": "short", "prompt_tokens": 6, "new_tokens": 4, "methods": {"course_fast": row}}
+    assert "| n/a: fits in cache |" in full_table([case])
+    row.update(bandwidth_floor_fraction=0.76, missing={})
+    assert "| 76% |" in full_table([case])

@@ -65,11 +65,11 @@ from .plan import (
     random_llama,
 )
 from .plots import plot_cache, plot_steps, plot_sweep
-from .report import SOURCE_SPEEDUP, full_table, markdown, row_line, row_notes, summary_table, sweep_text, targets
+from .report import full_table, markdown, row_line, row_notes, summary_table, sweep_text, targets
 from .sweep import batch_sweep
 
 __all__ = [
-    "LOAD_MARGIN", "LONG_TEXT", "METHODS", "PRESETS", "REFERENCE", "RUNNERS", "SHORT_PROMPT", "SOURCE_SPEEDUP",
+    "LOAD_MARGIN", "LONG_TEXT", "METHODS", "PRESETS", "REFERENCE", "RUNNERS", "SHORT_PROMPT",
     "SPREAD_LIMIT_PCT", "Bandwidth", "CallClock", "CallTimes", "Model", "Plan", "Runner", "TokenMismatchError",
     "bandwidth", "batch_sizes", "batch_sweep", "bundled_tokenizer", "busy_reason", "cache_update_costs",
     "check_tokens", "cli", "compare_to_reference", "environment", "full_table", "harness", "hf_generate",

@@ -43,7 +43,7 @@ import torch
 
 from ..devices import synchronize
 from ..memory import kv_bytes_per_token
-from .bandwidth import Bandwidth, cache_update_costs, weight_bytes_per_token
+from .bandwidth import Bandwidth, cache_resident, cache_update_costs, weight_bytes_per_token
 from .measure import (
     LOAD_MARGIN,
     SPREAD_LIMIT_PCT,
@@ -151,6 +151,8 @@ def run_case(model: Model, prompt: str, ids: torch.Tensor, n: int, plan: Plan, b
     case_bw = statistics.median(bw_samples) if bw_samples else None  # GB/s, measured in this case's rounds
     floor_s = floor_bytes / (case_bw * 1e9) if case_bw else None
     floor_why = None if floor_s else "no bandwidth sample in this case's rounds (the clock did not see the copies)"
+    if floor_s is not None and (resident := cache_resident(floor_bytes, device)) is not None:
+        floor_s, floor_why = None, resident
     res = {}
     for m in methods:
         row = (method_figures(calls[m], n, floor_s, floor_why, busy) if m in live
