@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvcourse import CacheOverflowError, ConcatKVCache, KVCache
+from kvcourse import CacheOverflowError, ConcatKVCache, KVCache, Llama, StaticKVCache
 
 
 def _kv(b=2, kv=3, t=4, d=8, seed=0):
@@ -133,3 +133,52 @@ def test_static_cache_crop_leaves_position():
     assert cache.lengths == [1, 1]
     with pytest.raises(ValueError, match="out of range"):
         cache.crop(4)
+
+
+# ---- refusals by name (probe findings, issue 22 §2) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [KVCache, StaticKVCache])
+@pytest.mark.parametrize("bad, err", [(8.5, TypeError), (-1, ValueError), (0, ValueError)])
+def test_cache_size_that_is_not_a_positive_int_fails_inside_torch_or_unnamed(cls, bad, err):
+    with pytest.raises(err, match=rf"max_seq_len must be a positive int, got {bad}"):
+        cls(2, 1, 2, 8, bad)
+
+
+def test_for_model_with_a_float_batch_size_fails_inside_torch():
+    from kvcourse.llama import LlamaArgs
+
+    model = Llama(LlamaArgs(vocab_size=16, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2,
+                            num_kv_heads=1, head_dim=8))
+    with pytest.raises(TypeError, match=r"batch_size must be a positive int, got 1\.5"):
+        KVCache.for_model(model, 1.5, 8)
+
+
+@pytest.mark.parametrize("make", [lambda: KVCache(2, 1, 2, 8, 8), lambda: StaticKVCache(2, 1, 2, 8, 8),
+                                  lambda: ConcatKVCache(2)])
+def test_get_seq_length_of_a_layer_past_the_last_gives_a_raw_index_error(make):
+    cache = make()
+    with pytest.raises(IndexError, match=r"layer_idx 5 out of range: this cache has 2 layers"):
+        cache.get_seq_length(5)
+
+
+def test_static_cache_position_with_a_negative_count_fails_inside_torch():
+    cache = StaticKVCache(2, 1, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"num_tokens must be >= 0.*got -2"):
+        cache.cache_position(-2)
+
+
+def test_static_mask_at_slots_past_capacity_fails_inside_index_copy_and_marks_nothing():
+    cache = StaticKVCache(2, 1, 2, 8, 8)
+    before = cache.slot_mask.clone()
+    with pytest.raises(IndexError, match=r"slots 7\.\.8, outside this cache's 0\.\.7"):
+        cache.mask(torch.tensor([7, 8]))
+    assert torch.equal(cache.slot_mask, before)  # slot 7 was not marked before the refusal
+
+
+@pytest.mark.parametrize("cls", [KVCache, StaticKVCache])
+def test_keys_of_another_batch_are_refused_naming_the_layer(cls):
+    cache = cls(2, 3, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"key \(1, 2, 3, 8\) does not fit layer 1 of this cache"):
+        cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 1)
+    assert cache.get_seq_length(1) == 0
