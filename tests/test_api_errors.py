@@ -494,3 +494,17 @@ def test_line_plot_of_a_series_longer_than_x_fails_inside_matplotlib():
 
     with pytest.raises(ValueError, match=r"series 'a' has 3 values but x has 2"):
         line_plot([1, 2], {"a": [1, 2, 3]}, xlabel="x", ylabel="y")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: KVCache(2, 3, 2, 8, 8),
+    lambda: kvcourse.StaticKVCache(2, 3, 2, 8, 8),
+    lambda: kvcourse.SlidingWindowCache(2, 3, 2, 8, window=4),
+    lambda: __import__("kvcourse.quant", fromlist=["Int8KVCache"]).Int8KVCache(2, 3, 2, 8, 8, residual=0),
+])
+def test_keys_that_do_not_fit_are_refused_alike_by_every_preallocated_cache(make):
+    """One shared check (cache._check_fits): the message names the key's shape and the layer, nothing is written."""
+    cache = make()
+    with pytest.raises(ValueError, match=r"key \(1, 2, 3, 8\) does not fit layer 1 of this cache"):
+        cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 1)
+    assert cache.get_seq_length(1) == 0
