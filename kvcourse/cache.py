@@ -314,7 +314,8 @@ class StaticKVCache(KVCache):
         cache_position (T,) long: the slots of the new tokens (``cache_position(T)`` before they are written).
         real (B, T) bool, or ``None`` when every new token is real: False for left padding, which no query sees.
         Query i sees slot j when j holds a real token and j <= cache_position[i] (not its future, and not a
-        slot left over from before ``reset()``).
+        slot left over from before ``reset()``). Slots outside 0..max_seq_len-1 are refused in eager mode
+        (a device read, skipped while compiling or capturing, as in ``cache_position``).
         """
         if not isinstance(cache_position, torch.Tensor) or cache_position.dim() != 1 or cache_position.dtype != torch.long:
             got = (f"{tuple(cache_position.shape)} {cache_position.dtype}" if isinstance(cache_position, torch.Tensor)

@@ -210,6 +210,7 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | str = "cpu", q_of
     in prefill (q_len == k_len) this is the usual lower triangle; in a decode step (q_len == 1)
     the one new query sees every cached key. ``q_offset`` places the first query elsewhere (query i
     sees keys 0..q_offset+i): a static-shape cache has k_len = its capacity, with empty slots after.
+    Without ``q_offset``, more queries than keys (q_len > k_len) is refused: they cannot be the last k_len.
     """
     if q_offset is None and q_len > k_len:
         raise ValueError(f"causal_mask({q_len}, {k_len}): the {q_len} queries are the last of the keys, so q_len must "
@@ -427,6 +428,9 @@ class Llama(nn.Module):
         padding, covering the cached tokens and the new ones, as ``transformers`` takes it. Rows then
         get their own positions (``positions_from_mask``) and attention skips the padding
         (``padding_causal_mask``); an ``attn_fn`` is then called with ``mask=`` as well.
+
+        Token ids outside 0..vocab_size-1 are refused in eager mode (one device read); while ``torch.compile``
+        traces or a CUDA graph is captured that check is skipped, like ``StaticKVCache``'s capacity check.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
