@@ -88,7 +88,11 @@ def _check_sizes(**sizes: int) -> None:
 
 
 def _host_reads_allowed(t: torch.Tensor) -> bool:
-    """False while ``torch.compile`` traces or a CUDA stream captures a graph: no check may read a tensor then."""
+    """False while ``torch.compile`` traces or a CUDA stream captures a graph (no check may read a tensor then), and
+    for a "meta" tensor, which has shapes but no values (notebook 04 runs a learner's generator on a meta model to
+    check devices: a value check there would fail every answer the same way)."""
+    if t.is_meta:
+        return False
     return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 

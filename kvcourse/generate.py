@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .cache import CacheOverflowError, KVCache
+from .cache import CacheOverflowError, KVCache, _host_reads_allowed
 from .llama import Llama, check_attention_mask
 from .window import check_window_cache
 
@@ -154,6 +154,8 @@ def _model_device(model) -> torch.device | None:
 
 
 def _check_ids_in_vocab(input_ids: torch.Tensor, vocab_size: int | None) -> None:
+    if not _host_reads_allowed(input_ids):  # compiling, capturing, or a meta tensor: no values to read
+        return
     if vocab_size is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must be token ids in 0..{vocab_size - 1} (the model's vocab_size), got ids "
                          f"from {int(input_ids.min())} to {int(input_ids.max())}")

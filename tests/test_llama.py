@@ -278,3 +278,22 @@ def test_for_model_refuses_a_call_timer_wrapped_model():
     model = _tiny()
     cache = KVCache.for_model(CallTimer(model), 2, 8)
     assert cache.keys[0].shape == (2, 2, 8, 8) and cache.num_layers == 2
+
+
+def test_a_value_check_on_a_meta_model_failed_every_answer_alike():
+    """Notebook 04 runs a learner's generator on a "meta" model to check devices. The vocab checks of Llama.forward
+    and kvcourse.generate read token values, which a meta tensor has not: every answer failed the same way there,
+    and the grader (rightly) let that pass, so a learner's output built on the CPU kept its points."""
+    import transformers
+
+    from kvcourse.generate import prefill
+
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = Llama.from_hf(transformers.LlamaForCausalLM(cfg).to("meta", torch.bfloat16))
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")  # (B, T)
+    assert model(ids).shape == (2, 5, 300)
+    cache = KVCache.for_model(model, 2, 8)
+    assert prefill(model, ids, cache).device.type == "meta"
+    with pytest.raises(ValueError, match="0..299"):  # on real tensors the check still reads the ids
+        Llama.from_hf(transformers.LlamaForCausalLM(cfg))(torch.tensor([[300]]))
