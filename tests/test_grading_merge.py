@@ -87,5 +87,5 @@ def test_split_drops_or_repeats_a_learner():
     shares = split(learners, 3)
     assert sorted(sum(shares, [])) == learners and len(shares) == 3
     assert split(learners[:2], 4) == [["l0"], ["l1"]]
-    with pytest.raises(ValueError, match="jobs must be 1 or more"):
+    with pytest.raises(ValueError, match=r"jobs must be an int, 1 or more, got 0"):
         split(learners, 0)
