@@ -27,7 +27,7 @@ from ..generate import as_llama
 from ..llama import Llama, padding_causal_mask, positions_from_mask
 from .checks import check_count as _check_count
 from .checks import check_inputs
-from .fused import FusedBlock, check_one_dtype_and_device, rms_norm
+from .fused import FusedBlock, check_one_dtype_and_device, rms_norm, rope_table
 
 
 class FastGeneratorBase:
@@ -81,15 +81,8 @@ class FastGeneratorBase:
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _rope_table(self, length: int) -> None:
-        """cos and (sign-folded) sin for positions 0..length-1, each (length, D), as LlamaRotaryEmbedding."""
-        pos = torch.arange(length, device=self.device)
-        freqs = pos[:, None].float() * self.inv_freq.to(self.device).float()[None, :]  # (S, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
-        self.cos = (emb.cos() * self.rope_scale).to(self.dtype)  # (S, D)
-        sin = (emb.sin() * self.rope_scale).to(self.dtype)
-        half = self.head_dim // 2
-        # rotate_half(x) * sin == roll(x, D/2) * [-sin_1, sin_2]: fold rotate_half's minus sign into the table
-        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # (S, D)
+        """cos and (sign-folded) sin for positions 0..length-1, each (length, D): ``fused.rope_table``."""
+        self.cos, self.sin_signed = rope_table(self.inv_freq, self.rope_scale, length, self.device, self.dtype)
         self.rope_len = length
 
     @torch.inference_mode()

@@ -24,6 +24,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def rope_table(inv_freq: torch.Tensor, rope_scale: float, length: int, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin for positions 0..length-1, each (length, D), as ``LlamaRotaryEmbedding``.
+
+    ``rotate_half(x) * sin == x.roll(D/2, -1) * [-sin_1, sin_2]``: the minus sign of ``rotate_half`` is folded
+    into the table, so RoPE is ``x * cos + x.roll(D // 2, dims=-1) * sin_signed``.
+    """
+    pos = torch.arange(length, device=device)
+    freqs = pos[:, None].float() * inv_freq.to(device).float()[None, :]  # (S, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
+    cos = (emb.cos() * rope_scale).to(dtype)  # (S, D)
+    sin = (emb.sin() * rope_scale).to(dtype)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # (S, D) each
+
+
 @dataclass
 class FusedBlock:
     """One transformer block's weights, fused. C = hidden, H/KV = query/key-value heads, D = head_dim, I = MLP."""

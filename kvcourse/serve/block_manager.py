@@ -1,0 +1,185 @@
+"""The block pool's books: free blocks, reference counts, the prefix cache (chained block hashes), LRU
+eviction and copy on write. No tensors here: the model runner owns the pool, this class owns who may use
+which block.
+
+- A block holds ``block_size`` tokens of every layer. Token ``p`` of a request lives in block
+  ``block_table[p // block_size]``, at offset ``p % block_size`` (notebook 08's slot mapping).
+- **Prefix cache.** A full block is named by ``block_hash(previous block's hash, its tokens)``: the hash
+  chains, so a block's name stands for *every* token before it, and two equal blocks at different depths, or
+  after different prefixes, get different names. nano-vllm (``engine/block_manager.py``: ``compute_hash``,
+  ``hash_to_block_id``) and vLLM (``vllm/v1/core/kv_cache_utils.py``: ``hash_block_tokens``) do the same. A
+  new request takes every leading block whose name is already here, and adds a reference to it.
+- **Eviction.** A block whose last reference goes keeps its name and stays findable, until its space is
+  needed: then the least recently freed one is taken first (blocks that never had a name go before any
+  that did). A request's blocks are freed last block first, so its deepest blocks are evicted first.
+- **Copy on write.** A block with more than one reference is never written: a request that must write into
+  one gets a copy first (``prepare_write`` returns the copies for the runner to make), as notebook 08's
+  ``PagedKVCache.fork`` does.
+- **The fully cached prompt.** When every token of a request is in the cache, the last one is computed again
+  anyway, since its logits give the next token (nano-vllm issue 144 was this case crashing); its block is
+  copied first if another request holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .request import Request
+
+
+def block_hash(prev_hash: int | None, tokens: Sequence[int]) -> int:
+    """A 64-bit name for a full block: BLAKE2b over the previous block's name and this block's token ids.
+
+    ``prev_hash`` is ``None`` for a request's first block. Equal tokens after a different prefix give a
+    different name, so a lookup can only match a whole leading run of blocks.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(b"root" if prev_hash is None else int(prev_hash).to_bytes(8, "little", signed=False))
+    h.update(b"".join(int(t).to_bytes(4, "little", signed=False) for t in tokens))
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set when the block is full and named
+    tokens: tuple[int, ...] = ()  # the tokens it was named for: a hash match is checked against them
+
+
+class BlockManager:
+    """``num_blocks`` blocks of ``block_size`` tokens; ``prefix_caching=False`` names no block."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        for name, n in (("num_blocks", num_blocks), ("block_size", block_size)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_unnamed: deque[int] = deque(range(num_blocks))
+        self.free_named: OrderedDict[int, None] = OrderedDict()  # least recently freed first
+        self.hash_to_block: dict[int, int] = {}
+        self.evictions = 0
+        self.hash_fn = block_hash  # swappable: notebook 09 runs the engine on a learner's block hash
+
+    # ---- counts ----
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no request holds (named ones included: they are evicted when needed)."""
+        return len(self.free_unnamed) + len(self.free_named)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- the prefix cache ----
+    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
+        """The blocks holding the longest leading run of ``tokens``' full blocks, from the cache."""
+        if not self.prefix_caching:
+            return []
+        bs, found, h = self.block_size, [], None
+        for i in range(len(tokens) // bs):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = self.hash_fn(h, chunk)
+            b = self.hash_to_block.get(h)
+            if b is None or self.blocks[b].tokens != chunk:
+                break
+            found.append(b)
+        return found
+
+    def register_full_blocks(self, req: Request) -> None:
+        """Name every block of ``req`` that is now full of computed tokens (``req.block_hashes`` grows)."""
+        if not self.prefix_caching:
+            return
+        bs, toks = self.block_size, req.tokens
+        while len(req.block_hashes) < req.num_computed_tokens // bs:
+            i = len(req.block_hashes)
+            chunk = tuple(toks[i * bs:(i + 1) * bs])
+            h = self.hash_fn(req.block_hashes[-1] if i else None, chunk)
+            req.block_hashes.append(h)
+            blk = self.blocks[req.block_table[i]]
+            if blk.hash is None and h not in self.hash_to_block:
+                blk.hash, blk.tokens = h, chunk
+                self.hash_to_block[h] = blk.block_id
+
+    # ---- admission, growth, release ----
+    def can_admit(self, req: Request, num_new_tokens: int) -> tuple[list[int], int] | None:
+        """For a waiting request: (cached blocks it would reuse, tokens they cover), if the pool can also hold
+        ``num_new_tokens`` computed after them; else ``None``. Changes nothing."""
+        cached = self.match_prefix(req.tokens)
+        hit = len(cached) * self.block_size
+        if hit >= req.num_tokens:  # fully cached: the last token is computed again (its logits are needed)
+            hit = req.num_tokens - 1
+        end = min(hit + num_new_tokens, req.num_tokens)
+        need = self.blocks_for(end) - len(cached)
+        taken_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # free now, taken by the hit
+        copies = 1 if end <= len(cached) * self.block_size and self.blocks[cached[-1]].ref_count > 0 else 0
+        if self.num_free_blocks - taken_free < max(need, 0) + copies:
+            return None
+        return cached, hit
+
+    def admit(self, req: Request, cached: list[int], hit: int) -> None:
+        """Give ``req`` the cached blocks (one more reference each); ``req`` starts computing at ``hit``."""
+        for b in cached:
+            blk = self.blocks[b]
+            if blk.ref_count == 0:
+                self.free_named.pop(b, None)
+            blk.ref_count += 1
+        req.block_table = list(cached)
+        req.block_hashes = [self.blocks[b].hash for b in cached]
+        req.num_computed_tokens = hit
+
+    def prepare_write(self, req: Request, end: int) -> list[tuple[int, int]] | None:
+        """Make ``req``'s tokens ``num_computed_tokens .. end - 1`` writable: new blocks for the table, and a copy
+        of any shared block they fall in. Returns the copies ``(src, dst)`` for the runner, or ``None`` if the
+        pool cannot (nothing is changed then)."""
+        bs, start = self.block_size, req.num_computed_tokens
+        new = self.blocks_for(end) - len(req.block_table)
+        shared = [i for i in range(start // bs, min(self.blocks_for(end), len(req.block_table)))
+                  if self.blocks[req.block_table[i]].ref_count > 1]
+        if self.num_free_blocks < max(new, 0) + len(shared):
+            return None
+        copies = []
+        for i in shared:
+            src = req.block_table[i]
+            dst = self._take()
+            self.blocks[src].ref_count -= 1
+            req.block_table[i] = dst
+            copies.append((src, dst))
+        for _ in range(max(new, 0)):
+            req.block_table.append(self._take())
+        return copies
+
+    def free(self, req: Request) -> None:
+        """Drop ``req``'s references, last block first; a block nobody holds keeps its name (findable)."""
+        for b in reversed(req.block_table):
+            blk = self.blocks[b]
+            blk.ref_count -= 1
+            if blk.ref_count == 0:
+                if blk.hash is not None:
+                    self.free_named[b] = None
+                    self.free_named.move_to_end(b)
+                else:
+                    self.free_unnamed.append(b)
+        req.block_table = []
+        req.block_hashes = []
+
+    def _take(self) -> int:
+        """A free block with one reference: an unnamed one if any, else evict the least recently freed."""
+        if self.free_unnamed:
+            b = self.free_unnamed.popleft()
+        else:
+            b, _ = self.free_named.popitem(last=False)
+            blk = self.blocks[b]
+            if self.hash_to_block.get(blk.hash) == b:
+                del self.hash_to_block[blk.hash]
+            blk.hash, blk.tokens = None, ()
+            self.evictions += 1
+        self.blocks[b].ref_count = 1
+        return b
