@@ -21,7 +21,7 @@ from __future__ import annotations
 from .block_manager import BlockManager, block_hash
 from .engine import Engine, EngineStats
 from .request import Request, RequestError, RequestOutput, SamplingParams
-from .scheduler import Scheduler, ScheduledBatch
+from .scheduler import ScheduledBatch, Scheduler
 
 __all__ = ["BlockManager", "Engine", "EngineStats", "Request", "RequestError", "RequestOutput", "SamplingParams",
            "ScheduledBatch", "Scheduler", "block_hash"]

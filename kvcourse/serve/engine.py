@@ -136,7 +136,7 @@ class Engine:
         logits, sampling = self._forward(batch)
         now = self.now()
         finished = []
-        for req, row in zip(sampling, self._sample(sampling, logits)):
+        for req, row in zip(sampling, self._sample(sampling, logits), strict=True):
             req.output.append(row)
             req.token_times.append(now)
             if req.first_token_time is None:
@@ -198,7 +198,7 @@ class Engine:
     def _record(self, batch: ScheduledBatch, now: float) -> None:
         st = self.stats
         st.steps += 1
-        rows = [(r.request_id, n, kind) for (r, n), kind in zip(batch.items, self._kinds)]
+        rows = [(r.request_id, n, kind) for (r, n), kind in zip(batch.items, self._kinds, strict=True)]
         pre = sum(n for _, n, kind in rows if kind == "prefill")
         st.history.append(StepRecord(
             step=st.steps, time=now, num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),

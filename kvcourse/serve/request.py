@@ -171,7 +171,7 @@ class RequestOutput:
     @property
     def inter_token_times(self) -> list[float]:
         """The gaps between consecutive generated tokens (time per output token)."""
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return [b - a for a, b in zip(self.token_times[:-1], self.token_times[1:], strict=True)]
 
     @classmethod
     def from_request(cls, r: Request, error: str | None = None) -> RequestOutput:
