@@ -211,7 +211,8 @@ class Engine:
             progress: bool = False) -> dict[str, RequestOutput]:
         """Serve ``requests``, each added when the clock reaches its arrival (seconds after the start; ``None``:
         all at once), and return every request's output by id. A request the engine refuses comes back with
-        ``finish_reason="error"`` and the message; the others carry on."""
+        ``finish_reason="error"`` and the message; the others carry on. A refused request whose id another
+        request holds (a duplicate) comes back under ``"<id>#<its index in requests>"``."""
         requests = list(requests)
         if arrivals is None:
             arrivals = [0.0] * len(requests)
@@ -234,8 +235,10 @@ class Engine:
                 try:
                     self.add_request(req, arrival_time=arrivals[order[nxt - 1]])
                 except RequestError as e:
-                    rid = getattr(req, "request_id", f"#{order[nxt - 1]}")
-                    results[rid if rid not in results else f"{rid}#{order[nxt - 1]}"] = _refused(req, e)
+                    i = order[nxt - 1]
+                    rid = getattr(req, "request_id", f"#{i}")
+                    clash = rid in results or self.requests.get(rid) not in (None, req)
+                    results[f"{rid}#{i}" if clash else rid] = _refused(req, e)
                     bar.update(1)
             if self.has_unfinished():
                 for out in self.step():
