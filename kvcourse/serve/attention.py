@@ -1,0 +1,349 @@
+"""Paged attention that reads the KV pool block by block, with an online softmax; no dense copy of a sequence.
+
+Notebook 08's ``PagedKVCache.update`` gathers each sequence's blocks into a dense ``(B, KV, length, D)`` copy and
+hands that to SDPA. A serving engine's attention reads the pool through the block tables instead:
+
+- the pool of one layer is ``(N, KV, bs, D)`` (``kvcourse.paged`` layout): token ``p`` of a sequence lives in
+  block ``table[p // bs]`` at offset ``p % bs``, i.e. at the flat *slot* ``table[p // bs] * bs + p % bs``
+  (``slot_mapping``; ``write_kv`` stores a step's new keys and values there);
+- a step is *ragged*: one query row per token, prefill chunks and decode tokens mixed, each row with its own
+  sequence (``seq_idx``) and its own causal limit (``limits`` = position + 1);
+- ``paged_attention`` walks every row's table a tile of ``blocks_per_tile`` blocks at a time. For each tile it
+  computes the scores, and folds them into three running quantities per (row, head): the running max ``m``,
+  the running sum of exponentials ``l`` and the output accumulator ``acc``. When the max grows from ``m_old``
+  to ``m_new``, what was summed so far was exponentiated against the old max, so ``l`` and ``acc`` are both
+  rescaled by ``exp(m_old - m_new)`` before the tile is added. At the end, ``acc / l`` is exactly softmax(s) @ V.
+  This is the online normalizer of Milakov & Gimelshein 2018 ("Online normalizer calculation for softmax",
+  arXiv:1805.02867, algorithm 3), which FlashAttention (Dao et al. 2022, arXiv:2205.14135) applies to attention
+  tile by tile, and flash-decoding (Dao, Haziza, Massa & Sizov, "Flash-Decoding for long-context inference",
+  2023 blog post) splits over the keys of one decode query. vLLM's PagedAttention (Kwon et al. 2023,
+  arXiv:2309.06180, section 4.1 and Fig. 5) reads the keys through the block table in the kernel the same way:
+  its ``paged_attention_v2`` kernel splits a sequence into partitions, keeps a max and an exp-sum per
+  partition and rescales them in a reduce step (vllm-project/vllm, ``csrc/attention/``).
+
+``gather_attention`` is the reference the walk is tested against: it gathers every row's keys densely (as
+notebook 08 does) and runs SDPA with a mask. ``attention_bytes`` counts the bytes each approach moves.
+
+This is PyTorch on the CPU: each tile is gathered into a small temporary ``(T, KV, blocks_per_tile * bs, D)``
+(never a whole sequence unless one tile covers it); a GPU kernel would read the blocks in place. A Triton kernel
+of the same walk is future work when a GPU is lent (none was in this session).
+
+Shapes: T query rows, H query heads, KV key/value heads (GQA: query head h reads KV head h // (H // KV), as
+``repeat_kv`` gives), D head size, N blocks in the pool, bs tokens a block, S sequences, M table columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["slot_mapping", "write_kv", "paged_attention", "gather_attention", "attention_bytes",
+           "DEFAULT_BLOCKS_PER_TILE"]
+
+# Measured on the bundled model's dims (H=6, KV=2, D=32), T=32 decode rows of context 256, bs=16, 2 CPU cores:
+# see the module's tests and the report of issue 23; 8 blocks (128 tokens) a tile keeps a tile small while the
+# Python loop over tiles stays short.
+DEFAULT_BLOCKS_PER_TILE = 8
+
+
+# ---- checks ------------------------------------------------------------------------------------------------------
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _tensor(name: str, x, dims: int, what: str, *, integer: bool | None = None) -> None:
+    """x must be a tensor of ``dims`` dimensions (``what`` names them); integer True/False/None = any dtype."""
+    if not isinstance(x, torch.Tensor) or x.dim() != dims:
+        raise ValueError(f"{name} must be a tensor of shape {what}, got {_shape(x)}")
+    if integer is True and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        raise TypeError(f"{name} must hold integers (torch.int64), got {x.dtype}")
+    if integer is False and not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point (float32, bfloat16 or float16), got {x.dtype}")
+
+
+def _int(name: str, value, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    return value
+
+
+def _check_pools(k_pool, v_pool, who: str) -> None:
+    _tensor("k_pool", k_pool, 4, "(num_blocks, kv_heads, block_size, head_dim)", integer=False)
+    _tensor("v_pool", v_pool, 4, "(num_blocks, kv_heads, block_size, head_dim)", integer=False)
+    if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype or k_pool.device != v_pool.device:
+        raise ValueError(f"{who}: k_pool and v_pool must have the same shape, dtype and device, got k_pool "
+                         f"{tuple(k_pool.shape)} {k_pool.dtype} on {k_pool.device}, v_pool {tuple(v_pool.shape)} "
+                         f"{v_pool.dtype} on {v_pool.device}")
+
+
+def _check_rows(name: str, x, t: int, who: str) -> None:
+    _tensor(name, x, 1, f"(T,) with T = {t} query rows", integer=True)
+    if x.shape[0] != t:
+        raise ValueError(f"{who}: {name} must have one entry per query row, (T,) = ({t},), got {tuple(x.shape)}")
+
+
+def _check_seq_idx(seq_idx: torch.Tensor, num_seqs: int, who: str) -> None:
+    bad = (seq_idx < 0) | (seq_idx >= num_seqs)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"{who}: seq_idx must index a row of block_tables, 0..{num_seqs - 1}; row {i} has "
+                         f"seq_idx {int(seq_idx[i])}")
+
+
+def _row_tables(block_tables: torch.Tensor, seq_idx: torch.Tensor, limits: torch.Tensor, block_size: int,
+                num_blocks: int, who: str) -> torch.Tensor:
+    """Each row's table, (T, M), with the columns past its limit set to block 0 (they are masked later).
+
+    The columns a row needs (``ceil(limit / bs)``) must hold real block ids, 0..N-1: a padded id there would
+    read another sequence's keys. Padding after them (-1 or anything) is replaced by 0 so no index leaves the pool.
+    """
+    tbl = block_tables.index_select(0, seq_idx).long()  # (T, M)
+    needed = (limits + block_size - 1) // block_size  # (T,) blocks each row reads
+    used = torch.arange(tbl.shape[1], device=tbl.device) < needed[:, None]  # (T, M)
+    bad = used & ((tbl < 0) | (tbl >= num_blocks))
+    if bool(bad.any()):
+        i, c = (int(v) for v in bad.nonzero()[0])
+        raise IndexError(f"{who}: row {i} (sequence {int(seq_idx[i])}, limit {int(limits[i])}) needs block column "
+                         f"{c}, whose id is {int(tbl[i, c])}; the pool holds blocks 0..{num_blocks - 1}")
+    return torch.where(used, tbl, 0)  # (T, M)
+
+
+def _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, who: str) -> None:
+    _tensor("q", q, 3, "(T, num_heads, head_dim)", integer=False)
+    _check_pools(k_pool, v_pool, who)
+    n, kv, bs, d = k_pool.shape
+    t, h, dq = q.shape
+    if dq != d:
+        raise ValueError(f"{who}: q's head_dim must equal the pool's, {d}, got q {tuple(q.shape)} and pool "
+                         f"{tuple(k_pool.shape)}")
+    if h % kv:
+        raise ValueError(f"{who}: the query heads must be a multiple of the KV heads (each KV head serves "
+                         f"H // KV query heads), got H={h} and KV={kv}")
+    if q.dtype != k_pool.dtype or q.device != k_pool.device:
+        raise ValueError(f"{who}: q and the pools must have the same dtype and device, got q {q.dtype} on "
+                         f"{q.device}, pool {k_pool.dtype} on {k_pool.device}")
+    _tensor("block_tables", block_tables, 2, "(num_seqs, max_blocks) of block ids", integer=True)
+    _check_rows("seq_idx", seq_idx, t, who)
+    _check_rows("limits", limits, t, who)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{who}: scale must be a finite float > 0 (usually head_dim ** -0.5), got {scale!r}")
+    if t == 0:
+        return
+    _check_seq_idx(seq_idx, block_tables.shape[0], who)
+    capacity = block_tables.shape[1] * bs
+    lo, hi = int(limits.min()), int(limits.max())
+    if lo < 1:
+        i = int((limits < 1).nonzero()[0, 0])
+        raise ValueError(f"{who}: limits must be >= 1 (row t sees keys 0..limits[t]-1, and sees at least itself); "
+                         f"row {i} has limit {lo}")
+    if hi > capacity:
+        i = int((limits > capacity).nonzero()[0, 0])
+        raise ValueError(f"{who}: limits must be <= the table capacity, {block_tables.shape[1]} blocks x {bs} = "
+                         f"{capacity} tokens; row {i} has limit {hi}")
+
+
+# ---- slots -------------------------------------------------------------------------------------------------------
+def slot_mapping(positions: torch.Tensor, block_tables: torch.Tensor, seq_idx: torch.Tensor,
+                 block_size: int) -> torch.Tensor:
+    """Flat slot of each token of a ragged step: ``table[p // bs] * bs + p % bs`` (block, then offset in it).
+
+    positions (T,) int64: each token's position in its sequence; seq_idx (T,): its row of ``block_tables``;
+    block_tables (S, M) int64. Returns (T,) int64. The block column a position falls in must hold a real id
+    (>= 0): an unallocated (padded) entry is refused, not turned into a slot.
+    """
+    who = "slot_mapping"
+    _int("block_size", block_size, 1)
+    _tensor("positions", positions, 1, "(T,) token positions", integer=True)
+    _tensor("block_tables", block_tables, 2, "(num_seqs, max_blocks) of block ids", integer=True)
+    _check_rows("seq_idx", seq_idx, positions.shape[0], who)
+    if positions.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=positions.device)
+    _check_seq_idx(seq_idx, block_tables.shape[0], who)
+    positions, seq_idx = positions.long(), seq_idx.long()
+    capacity = block_tables.shape[1] * block_size
+    bad = (positions < 0) | (positions >= capacity)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{who}: positions must be in 0..{capacity - 1} ({block_tables.shape[1]} table columns x "
+                         f"block_size {block_size}); token {i} has position {int(positions[i])}")
+    col = positions // block_size  # (T,) which block of the sequence
+    block = block_tables.long()[seq_idx, col]  # (T,) its id in the pool
+    if bool((block < 0).any()):
+        i = int((block < 0).nonzero()[0, 0])
+        raise IndexError(f"{who}: token {i} (sequence {int(seq_idx[i])}, position {int(positions[i])}) falls in "
+                         f"block column {int(col[i])}, which holds {int(block[i])}: no block allocated there")
+    return block * block_size + positions % block_size  # (T,)
+
+
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+             block_size: int) -> None:
+    """Write token t's key and value (T, KV, D) at flat slot ``slots[t]`` of one layer's pools (N, KV, bs, D).
+
+    In place. Everything is checked before anything is written (a refused call changes nothing): shapes,
+    dtypes, slots in 0..N*bs-1, and no slot twice in one call (two tokens in one slot would keep either).
+    """
+    who = "write_kv"
+    _check_pools(k_pool, v_pool, who)
+    n, kv, bs, d = k_pool.shape
+    if _int("block_size", block_size, 1) != bs:
+        raise ValueError(f"{who}: block_size {block_size} does not match the pool's {tuple(k_pool.shape)} "
+                         f"(num_blocks, kv_heads, block_size={bs}, head_dim)")
+    _tensor("k", k, 3, f"(T, kv_heads={kv}, head_dim={d})")
+    _tensor("v", v, 3, f"(T, kv_heads={kv}, head_dim={d})")
+    if k.shape != v.shape or k.shape[1:] != (kv, d):
+        raise ValueError(f"{who}: k and v must both be (T, kv_heads={kv}, head_dim={d}), got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.dtype != k_pool.dtype or v.dtype != k_pool.dtype or k.device != k_pool.device or v.device != k_pool.device:
+        raise ValueError(f"{who}: k and v must have the pool's dtype and device, {k_pool.dtype} on "
+                         f"{k_pool.device}; got k {k.dtype} on {k.device}, v {v.dtype} on {v.device}")
+    _check_rows("slots", slots, k.shape[0], who)
+    if k.shape[0] == 0:
+        return
+    slots = slots.long()
+    bad = (slots < 0) | (slots >= n * bs)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"{who}: slots must be in 0..{n * bs - 1} ({n} blocks x {bs}); token {i} has slot "
+                         f"{int(slots[i])}")
+    if slots.unique().numel() != slots.numel():
+        s, c = slots.unique(return_counts=True)
+        raise ValueError(f"{who}: each token needs its own slot; slot {int(s[c > 1][0])} is written by "
+                         f"{int(c[c > 1][0])} tokens of this call")
+    block, offset = slots // bs, slots % bs  # (T,), (T,)
+    k_pool[block, :, offset] = k  # advanced indices on dims 0 and 2: the indexed pool is (T, KV, D)
+    v_pool[block, :, offset] = v
+
+
+# ---- attention ---------------------------------------------------------------------------------------------------
+def _online_update(state: tuple | None, s: torch.Tensor, v: torch.Tensor) -> tuple:
+    """Fold one tile into (m, l, acc): scores s (R, KV, G, L) with -inf where masked, values v (R, KV, L, D).
+
+    m (R, KV, G) running max, l (R, KV, G) running sum of exp(s - m), acc (R, KV, G, D) running sum of
+    exp(s - m) @ v. A new max rescales what was summed against the old one by exp(m_old - m_new).
+    """
+    m_tile = s.amax(-1)  # (R, KV, G); -inf only for a tile fully masked in a row, never the first tile
+    if state is None:
+        p = torch.exp(s - m_tile[..., None])  # (R, KV, G, L)
+        return m_tile, p.sum(-1), p @ v
+    m, denom, acc = state
+    m_new = torch.maximum(m, m_tile)  # (R, KV, G): finite, since the first tile holds key 0
+    p = torch.exp(s - m_new[..., None])  # (R, KV, G, L): masked keys give exp(-inf) = 0
+    alpha = torch.exp(m - m_new)  # (R, KV, G): 1 where the max did not change
+    return m_new, denom * alpha + p.sum(-1), acc * alpha[..., None] + p @ v
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                    seq_idx: torch.Tensor, limits: torch.Tensor, scale: float,
+                    blocks_per_tile: int = DEFAULT_BLOCKS_PER_TILE) -> torch.Tensor:
+    """Attention of ragged query rows over their sequences' blocks, one tile of blocks at a time.
+
+    q (T, H, D): one row per query token (prefill chunks and decode tokens mixed). Row t attends to keys
+    0..limits[t]-1 of sequence ``seq_idx[t]``, read through ``block_tables[seq_idx[t]]`` from the pools
+    (N, KV, bs, D). ``limits[t]`` is the row's position + 1 (causal). Returns (T, H, D) in q's dtype; the
+    scores, max, sum and accumulator are fp32 whatever the input dtype.
+
+    Only the table columns up to the longest limit are walked; table entries past a row's last needed block may
+    be anything (-1 padding): they are read as block 0 and masked.
+    """
+    who = "paged_attention"
+    _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, who)
+    p_tile = _int("blocks_per_tile", blocks_per_tile, 1)
+    n, kv, bs, d = k_pool.shape
+    t, h, _ = q.shape
+    if t == 0:
+        return q.new_empty(0, h, d)
+    g = h // kv  # query heads per KV head
+    limits = limits.long()
+    tbl = _row_tables(block_tables, seq_idx.long(), limits, bs, n, who)  # (T, M), padding -> block 0
+    lo, hi = int(limits.min()), int(limits.max())
+    width = -(-hi // bs)  # table columns any row reads
+    qf = (q.float() * scale).view(t, kv, g, d)  # (T, KV, G, D): head h = kv_head * G + i, as repeat_kv
+    # the pools as one row per (block, kv head), (N * KV, bs * D): row block * KV + j holds head j of the block,
+    # so gathering rows in (T, KV, P) order gives each tile directly as (T, KV, P * bs, D), no transpose
+    heads = torch.arange(kv, device=q.device)
+    rows = tbl[:, None, :width] * kv + heads[None, :, None]  # (T, KV, W)
+    k_rows, v_rows = k_pool.view(n * kv, bs * d), v_pool.view(n * kv, bs * d)
+    state = None
+    for c0 in range(0, width, p_tile):
+        c1 = min(c0 + p_tile, width)
+        ids = rows[:, :, c0:c1].reshape(-1)  # (T * KV * P,): this tile's rows of the pool
+        length = (c1 - c0) * bs  # L keys in the tile
+        k = k_rows.index_select(0, ids).view(t, kv, length, d).float()  # (T, KV, L, D), fp32
+        v = v_rows.index_select(0, ids).view(t, kv, length, d).float()
+        s = qf @ k.transpose(-1, -2)  # (T, KV, G, L)
+        start = c0 * bs
+        if start + length > lo:  # some row ends inside this tile: mask its keys >= its limit
+            pos = torch.arange(start, start + length, device=q.device)  # (L,)
+            s = s.masked_fill((pos >= limits[:, None])[:, None, None, :], float("-inf"))
+        state = _online_update(state, s, v)
+    _, denom, acc = state
+    return (acc / denom[..., None]).view(t, h, d).to(q.dtype)  # (T, KV, G, D) -> (T, H, D)
+
+
+def gather_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                     seq_idx: torch.Tensor, limits: torch.Tensor, scale: float,
+                     blocks_per_tile: int = DEFAULT_BLOCKS_PER_TILE) -> torch.Tensor:
+    """The reference: gather each row's keys and values densely, (T, H, max_limit, D), and run SDPA with a mask.
+
+    This is what notebook 08's ``PagedKVCache.update`` does per sequence: a copy of every key a row sees (padded
+    to the longest row), repeated for GQA. Same arguments and result as ``paged_attention``
+    (``blocks_per_tile`` is accepted and unused); computed in fp32, returned in q's dtype.
+    """
+    who = "gather_attention"
+    _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, who)
+    _int("blocks_per_tile", blocks_per_tile, 1)
+    n, kv, bs, d = k_pool.shape
+    t, h, _ = q.shape
+    if t == 0:
+        return q.new_empty(0, h, d)
+    limits = limits.long()
+    tbl = _row_tables(block_tables, seq_idx.long(), limits, bs, n, who)  # (T, M)
+    length = int(limits.max())
+    width = -(-length // bs)  # table columns any row reads
+    ids = tbl[:, :width].reshape(-1)  # (T * W,)
+    k = k_pool.view(n, -1).index_select(0, ids).view(t, width, kv, bs, d)  # (T, W, KV, bs, D): the dense copy
+    v = v_pool.view(n, -1).index_select(0, ids).view(t, width, kv, bs, d)
+    k = k.transpose(1, 2).reshape(t, kv, width * bs, d)[:, :, :length].float()  # (T, KV, L, D), time order
+    v = v.transpose(1, 2).reshape(t, kv, width * bs, d)[:, :, :length].float()
+    pos = torch.arange(length, device=q.device)  # (L,)
+    mask = (pos < limits[:, None])[:, None, None, :]  # (T, 1, 1, L)
+    # enable_gqa: query head h reads KV head h // (H // KV), as repeat_kv, without materialising the repeat
+    out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=True)  # (T, H, 1, D)
+    return out[:, :, 0].to(q.dtype)  # (T, H, D)
+
+
+# ---- bytes -------------------------------------------------------------------------------------------------------
+def attention_bytes(context_lens, num_kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int) -> dict:
+    """Bytes of K and V that one layer's attention moves for query rows with these context lengths.
+
+    Convention (per layer; K and V both counted; KV heads, before any GQA repeat; one entry of ``context_lens``
+    per query row, the number of keys it sees):
+
+    - ``dense_bytes``: the keys and values the rows see, ``sum(len) * 2 * KV * D * itemsize``.
+    - ``gather_bytes``: a gather reads those slots from the pool, writes them into a dense copy, and attention
+      reads the copy back: ``3 * dense_bytes``.
+    - ``walk_bytes``: the block walk reads each row's blocks once, whole blocks, the unused tail of the last one
+      included: ``sum(ceil(len / bs) * bs) * 2 * KV * D * itemsize``. Nothing is written.
+    - ``tail_bytes``: ``walk_bytes - dense_bytes``, the unused slots the walk reads.
+    - ``gather_over_walk``: ``gather_bytes / walk_bytes``.
+
+    The query, the output and the block tables are not counted (they are the same for both).
+    """
+    if isinstance(context_lens, torch.Tensor):
+        context_lens = context_lens.tolist()
+    if isinstance(context_lens, (str, bytes)) or not hasattr(context_lens, "__iter__"):
+        raise TypeError(f"context_lens must be a list of ints (keys each query row sees), got {context_lens!r}")
+    lens = list(context_lens)
+    for n in lens:
+        _int("each of context_lens", n, 1)
+    kv, d, bs = _int("num_kv_heads", num_kv_heads, 1), _int("head_dim", head_dim, 1), _int("block_size", block_size, 1)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
+    per_token = 2 * kv * d * torch.empty((), dtype=dtype).element_size()  # K and V of one token, one layer
+    dense = sum(lens) * per_token
+    walk = sum(-(-n // bs) * bs for n in lens) * per_token
+    return {"dense_bytes": dense, "gather_bytes": 3 * dense, "walk_bytes": walk, "tail_bytes": walk - dense,
+            "gather_over_walk": 3 * dense / walk if walk else 0.0}

@@ -1,0 +1,348 @@
+"""Paged attention that walks blocks (issue 23): kvcourse.serve.attention against SDPA over dense keys and values.
+
+The oracle never touches the module: each sequence's keys and values are drawn densely, put into the pool by
+hand through a shuffled block table, and every query row is checked against ``F.scaled_dot_product_attention``
+over that row's own dense prefix. Bugs guarded: an online softmax that does not rescale its accumulator, a
+tile that reads past a row's limit (or a padded table id), GQA heads paired with the wrong KV head, a whole
+sequence gathered at once, the block offset taken as ``pos // bs``, a write that lands in the wrong slot or
+half-writes a refused call, and bad input that surfaces as a raw torch error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kvcourse.serve import attention as A
+from kvcourse.serve.attention import attention_bytes, gather_attention, paged_attention, slot_mapping, write_kv
+
+FUNCS = [paged_attention, gather_attention]
+
+
+# ---- a ragged step, built by hand ------------------------------------------------------------------------------------
+def ragged_step(seed: int, seqs: list[tuple[int, int]], *, heads: int = 6, kv: int = 2, d: int = 32, bs: int = 4,
+                dtype=torch.float32, spare_blocks: int = 3, growing: bool = False, shared: int = 0):
+    """Sequences given as (length, query rows): the last ``rows`` positions of each are this step's queries
+    (rows == 1: a decode token; rows > 1: a prefill chunk). Returns the step and each sequence's dense K, V.
+
+    ``growing``: keys get larger along the sequence, so the running max changes from tile to tile.
+    ``shared``: sequence 1 reuses sequence 0's first ``shared`` blocks (same ids in both tables).
+    """
+    g = torch.Generator().manual_seed(seed)
+    blocks = [-(-n // bs) for n, _ in seqs]
+    width = max(blocks) + 1  # one padded column past the longest sequence
+    num_blocks = sum(blocks) - shared + spare_blocks
+    order = torch.randperm(num_blocks, generator=g).tolist()  # blocks handed out in a shuffled order
+    k_pool = torch.randn(num_blocks, kv, bs, d, generator=g).to(dtype)  # garbage everywhere not written
+    v_pool = torch.randn(num_blocks, kv, bs, d, generator=g).to(dtype)
+    tables = torch.full((len(seqs), width), -1, dtype=torch.long)
+    dense_k, dense_v = [], []
+    for s, (n, _) in enumerate(seqs):
+        k = torch.randn(n, kv, d, generator=g)
+        if growing:
+            k = k * (1 + torch.arange(n, dtype=torch.float32) / bs)[:, None, None]
+        v = torch.randn(n, kv, d, generator=g)
+        k, v = k.to(dtype), v.to(dtype)
+        if s == 1 and shared:
+            k[: shared * bs], v[: shared * bs] = dense_k[0][: shared * bs], dense_v[0][: shared * bs]
+            tables[1, :shared] = tables[0, :shared]
+        for c in range(shared if s == 1 else 0, blocks[s]):
+            tables[s, c] = order.pop()
+        for p in range(n):  # by hand: token p in block table[p // bs], offset p % bs
+            k_pool[tables[s, p // bs], :, p % bs] = k[p]
+            v_pool[tables[s, p // bs], :, p % bs] = v[p]
+        dense_k.append(k)
+        dense_v.append(v)
+    seq_idx = torch.tensor([s for s, (_, r) in enumerate(seqs) for _ in range(r)])
+    limits = torch.tensor([p + 1 for n, r in seqs for p in range(n - r, n)])
+    q = torch.randn(len(limits), heads, d, generator=g).to(dtype)
+    return dict(q=q, k_pool=k_pool, v_pool=v_pool, block_tables=tables, seq_idx=seq_idx, limits=limits,
+                scale=d ** -0.5), dense_k, dense_v
+
+
+def oracle(step: dict, dense_k: list, dense_v: list) -> torch.Tensor:
+    """SDPA, fp32, one row at a time over that row's dense prefix: (T, H, D)."""
+    q, rows = step["q"].float(), []
+    h, kv = q.shape[1], dense_k[0].shape[1]
+    for t in range(q.shape[0]):
+        s, n = int(step["seq_idx"][t]), int(step["limits"][t])
+        k = dense_k[s][:n].float().transpose(0, 1).repeat_interleave(h // kv, dim=0)  # (H, n, D)
+        v = dense_v[s][:n].float().transpose(0, 1).repeat_interleave(h // kv, dim=0)
+        rows.append(F.scaled_dot_product_attention(q[t][:, None], k, v, scale=step["scale"])[:, 0])  # (H, D)
+    return torch.stack(rows)
+
+
+# lengths: 1 token, exactly one block, a block boundary +-1, several blocks; prefill chunks and decode rows mixed
+MIXED = [(1, 1), (4, 1), (5, 1), (8, 3), (9, 9), (23, 1), (17, 6), (3, 2)]
+
+
+@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize("blocks_per_tile", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ragged_rows_equal_sdpa_over_their_own_prefix(func, blocks_per_tile, seed):
+    step, dk, dv = ragged_step(seed, MIXED)
+    out = func(**step, blocks_per_tile=blocks_per_tile)
+    assert out.shape == step["q"].shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, oracle(step, dk, dv), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize("heads,kv", [(6, 2), (4, 4), (4, 1)], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("blocks_per_tile", [1, 3])
+def test_gqa_query_head_reads_kv_head_h_over_group(func, heads, kv, blocks_per_tile):
+    step, dk, dv = ragged_step(3, MIXED, heads=heads, kv=kv, d=16)
+    torch.testing.assert_close(func(**step, blocks_per_tile=blocks_per_tile), oracle(step, dk, dv), atol=1e-5, rtol=0)
+
+
+def test_gqa_head_grouping_is_not_interleaved():
+    """Query head h must read KV head h // G (repeat_kv's order), not h % KV: the two differ for H=6, KV=2."""
+    step, _, _ = ragged_step(4, MIXED, heads=6, kv=2)
+    out = paged_attention(**step, blocks_per_tile=2)
+    g = step["q"].shape[1] // step["k_pool"].shape[1]
+    for h in range(step["q"].shape[1]):
+        one = {**step, "q": step["q"][:, h:h + 1].contiguous(), "k_pool": step["k_pool"][:, h // g:h // g + 1],
+               "v_pool": step["v_pool"][:, h // g:h // g + 1]}
+        torch.testing.assert_close(out[:, h:h + 1], paged_attention(**one), atol=1e-6, rtol=0)
+
+
+# ---- the online softmax --------------------------------------------------------------------------------------------
+def _update_without_rescale(state, s, v):
+    """The mistake: a new max is used for the new tile, but l and acc keep what was summed against the old one."""
+    m_tile = s.amax(-1)
+    if state is None:
+        p = torch.exp(s - m_tile[..., None])
+        return m_tile, p.sum(-1), p @ v
+    m, denom, acc = state
+    m_new = torch.maximum(m, m_tile)
+    p = torch.exp(s - m_new[..., None])
+    return m_new, denom + p.sum(-1), acc + p @ v
+
+
+def test_accumulator_not_rescaled_when_the_max_grows_is_caught(monkeypatch):
+    """The test data has a max that grows from tile to tile (growing keys), so the mutant is far off."""
+    step, dk, dv = ragged_step(5, MIXED, growing=True)
+    want = oracle(step, dk, dv)
+    torch.testing.assert_close(paged_attention(**step, blocks_per_tile=1), want, atol=1e-5, rtol=0)
+    monkeypatch.setattr(A, "_online_update", _update_without_rescale)
+    wrong = paged_attention(**step, blocks_per_tile=1)
+    assert (wrong - want).abs().max() > 1e-2, "a walk that never rescales its accumulator went unnoticed"
+
+
+def test_row_whose_later_tiles_are_all_masked_gives_no_nan():
+    """A 1-token row next to a long one: with 1 block a tile, every tile but the first is masked for it."""
+    step, dk, dv = ragged_step(6, [(1, 1), (40, 1), (2, 2)])
+    for p in (1, 2, 5):
+        out = paged_attention(**step, blocks_per_tile=p)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, oracle(step, dk, dv), atol=1e-5, rtol=0)
+
+
+def test_padded_table_ids_past_a_rows_blocks_are_never_read():
+    """Columns past a row's last block may hold -1 or any id: they must neither index out of the pool nor count."""
+    step, dk, dv = ragged_step(7, MIXED)
+    want = oracle(step, dk, dv)
+    tables = step["block_tables"]
+    used = torch.arange(tables.shape[1]) < torch.tensor([-(-n // 4) for n, _ in MIXED])[:, None]
+    for pad in (-1, 10 ** 6, 0):
+        padded = torch.where(used, tables, pad)
+        for func in FUNCS:
+            torch.testing.assert_close(func(**{**step, "block_tables": padded}, blocks_per_tile=2), want,
+                                       atol=1e-5, rtol=0)
+
+
+def test_keys_past_the_limit_inside_the_last_block_are_masked():
+    """The unused tail of a row's last block holds garbage (random in the pool): a limit off by one would read it."""
+    step, dk, dv = ragged_step(8, [(5, 5), (6, 1)])
+    out = paged_attention(**step, blocks_per_tile=4)
+    torch.testing.assert_close(out, oracle(step, dk, dv), atol=1e-5, rtol=0)
+    off_by_one = paged_attention(**{**step, "limits": step["limits"].clamp(max=7) + 1}, blocks_per_tile=4)
+    assert (off_by_one - out).abs().max() > 1e-3
+
+
+def test_two_sequences_sharing_a_table_prefix_each_see_their_own_tail():
+    step, dk, dv = ragged_step(9, [(13, 3), (15, 2), (6, 1)], shared=2)
+    tables = step["block_tables"]
+    assert torch.equal(tables[0, :2], tables[1, :2]) and tables[0, 2] != tables[1, 2]
+    for func in FUNCS:
+        for p in (1, 2, 4):
+            torch.testing.assert_close(func(**step, blocks_per_tile=p), oracle(step, dk, dv), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)])
+@pytest.mark.parametrize("blocks_per_tile", [1, 3, 8])
+def test_low_precision_inputs_accumulate_in_fp32(dtype, rtol, blocks_per_tile):
+    """Tolerance: the fp32 oracle on the same (rounded) inputs, and one final rounding of the output to ``dtype``
+    (unit roundoff 2^-8 for bf16, 2^-11 for fp16), plus fp32 noise. Accumulating in bf16 over 23 keys misses it."""
+    step, dk, dv = ragged_step(10, MIXED, dtype=dtype)
+    out = paged_attention(**step, blocks_per_tile=blocks_per_tile)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), oracle(step, dk, dv), atol=1e-5, rtol=rtol)
+    torch.testing.assert_close(gather_attention(**step).float(), oracle(step, dk, dv), atol=1e-5, rtol=rtol)
+
+
+class _Largest(TorchDispatchMode):
+    """Records the largest tensor any op makes (views of its inputs, such as a view of the whole pool, excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+def test_walk_never_gathers_a_whole_sequence():
+    """With 2 blocks a tile, no tensor the walk makes holds more than one tile of keys for every row."""
+    seqs = [(64, 1)] * 4
+    step, _, _ = ragged_step(11, seqs, bs=4, d=8, spare_blocks=0)
+    t, kv, bs, d = 4, 2, 4, 8
+    tile = t * kv * 2 * bs * d  # (T, KV, P * bs, D)
+    whole = t * kv * 64 * d
+    with _Largest() as walk:
+        paged_attention(**step, blocks_per_tile=2)
+    with _Largest() as gather:
+        gather_attention(**step)
+    assert walk.largest <= tile < whole <= gather.largest, (walk.largest, tile, gather.largest)
+
+
+# ---- slots and writes ----------------------------------------------------------------------------------------------
+def test_slot_mapping_block_then_offset_by_hand():
+    """bs=4, tables [[7, 2, 9], [3, 5, -1]]: position p of sequence s is at table[s][p // 4] * 4 + p % 4."""
+    tables = torch.tensor([[7, 2, 9], [3, 5, -1]])
+    positions = torch.tensor([0, 3, 4, 9, 1, 6])
+    seq_idx = torch.tensor([0, 0, 0, 0, 1, 1])
+    want = torch.tensor([28, 31, 8, 37, 13, 22])  # 7*4+0, 7*4+3, 2*4+0, 9*4+1, 3*4+1, 5*4+2
+    assert torch.equal(slot_mapping(positions, tables, seq_idx, 4), want)
+    offset_as_quotient = tables[seq_idx, positions // 4] * 4 + positions // 4  # the mistake: pos // bs as offset
+    assert not torch.equal(offset_as_quotient, want), "the example must tell the offset from the block column"
+
+
+def test_slot_mapping_refuses_an_unallocated_block():
+    tables = torch.tensor([[7, 2, 9], [3, 5, -1]])
+    with pytest.raises(IndexError, match="block column 2, which holds -1"):
+        slot_mapping(torch.tensor([8]), tables, torch.tensor([1]), 4)
+    with pytest.raises(ValueError, match=r"positions must be in 0\.\.11"):
+        slot_mapping(torch.tensor([12]), tables, torch.tensor([0]), 4)
+    with pytest.raises(IndexError, match="seq_idx must index a row of block_tables, 0..1; row 0 has seq_idx 2"):
+        slot_mapping(torch.tensor([0]), tables, torch.tensor([2]), 4)
+    with pytest.raises(TypeError, match="positions must hold integers"):
+        slot_mapping(torch.tensor([0.0]), tables, torch.tensor([0]), 4)
+
+
+def test_write_kv_then_attention_round_trip():
+    """Write every token through slot_mapping + write_kv; each slot reads back its token, and attention over the
+    written pool equals the oracle."""
+    step, dk, dv = ragged_step(12, MIXED)
+    k_pool, v_pool = torch.zeros_like(step["k_pool"]), torch.zeros_like(step["v_pool"])
+    seq_idx = torch.tensor([s for s, (n, _) in enumerate(MIXED) for _ in range(n)])
+    positions = torch.tensor([p for n, _ in MIXED for p in range(n)])
+    slots = slot_mapping(positions, step["block_tables"], seq_idx, 4)
+    write_kv(k_pool, v_pool, torch.cat(dk), torch.cat(dv), slots, 4)
+    assert torch.equal(k_pool[slots // 4, :, slots % 4], torch.cat(dk))
+    assert torch.equal(v_pool[slots // 4, :, slots % 4], torch.cat(dv))
+    written = k_pool.transpose(1, 2).reshape(-1, 2 * 32).ne(0).any(1).nonzero().flatten()  # (N * bs) slots
+    assert sorted(written.tolist()) == sorted(slots.tolist()), "write_kv wrote outside its slots"
+    out = paged_attention(**{**step, "k_pool": k_pool, "v_pool": v_pool}, blocks_per_tile=2)
+    torch.testing.assert_close(out, oracle(step, dk, dv), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case,err,match", [
+    ("dup", ValueError, "slot 5 is written by 2 tokens"),
+    ("range", IndexError, r"slots must be in 0\.\.31 \(4 blocks x 8\); token 1 has slot 32"),
+    ("dtype", ValueError, "must have the pool's dtype and device, torch.float32"),
+    ("shape", ValueError, r"k and v must both be \(T, kv_heads=2, head_dim=4\)"),
+    ("bs", ValueError, "block_size 4 does not match the pool's"),
+    ("rows", ValueError, r"slots must have one entry per query row, \(T,\) = \(2,\)"),
+])
+def test_refused_write_leaves_the_pool_unchanged(case, err, match):
+    k_pool, v_pool = torch.zeros(4, 2, 8, 4), torch.zeros(4, 2, 8, 4)
+    k, v, slots, bs = torch.ones(2, 2, 4), torch.ones(2, 2, 4), torch.tensor([5, 9]), 8
+    if case == "dup":
+        slots = torch.tensor([5, 5])
+    elif case == "range":
+        slots = torch.tensor([0, 32])
+    elif case == "dtype":
+        v = v.double()
+    elif case == "shape":
+        k, v = torch.ones(2, 2, 3), torch.ones(2, 2, 3)
+    elif case == "bs":
+        bs = 4
+    elif case == "rows":
+        slots = torch.tensor([1, 2, 3])
+    with pytest.raises(err, match=match):
+        write_kv(k_pool, v_pool, k, v, slots, bs)
+    assert not k_pool.any() and not v_pool.any(), "a refused write changed the pool"
+
+
+# ---- bad input to attention ----------------------------------------------------------------------------------------
+BAD = [
+    ("q 2-D", lambda s: {"q": s["q"][0]}, ValueError, r"q must be a tensor of shape \(T, num_heads, head_dim\)"),
+    ("heads", lambda s: {"q": s["q"][:, :5]}, ValueError, "multiple of the KV heads .* got H=5 and KV=2"),
+    ("head_dim", lambda s: {"q": s["q"][..., :16]}, ValueError, "q's head_dim must equal the pool's, 32"),
+    ("dtype", lambda s: {"q": s["q"].double()}, ValueError, "q and the pools must have the same dtype"),
+    ("pools", lambda s: {"v_pool": s["v_pool"][:, :1]}, ValueError, "k_pool and v_pool must have the same shape"),
+    ("int pool", lambda s: {"k_pool": s["k_pool"].long()}, TypeError, "k_pool must be floating point"),
+    ("float table", lambda s: {"block_tables": s["block_tables"].float()}, TypeError,
+     "block_tables must hold integers"),
+    ("limit 0", lambda s: {"limits": s["limits"] - s["limits"]}, ValueError, "limits must be >= 1 .* row 0 has limit 0"),
+    ("limit > capacity", lambda s: {"limits": s["limits"] + 100}, ValueError,
+     r"limits must be <= the table capacity, 7 blocks x 4 = 28 tokens"),
+    ("seq_idx range", lambda s: {"seq_idx": s["seq_idx"] + 8}, IndexError, "seq_idx must index a row of block_tables, "
+     r"0\.\.7; row 0 has seq_idx 8"),
+    ("seq_idx float", lambda s: {"seq_idx": s["seq_idx"].float()}, TypeError, "seq_idx must hold integers"),
+    ("limits rows", lambda s: {"limits": s["limits"][:-1]}, ValueError, "limits must have one entry per query row"),
+    ("pad in use", lambda s: {"block_tables": s["block_tables"].index_fill(1, torch.tensor([0]), -1)}, IndexError,
+     r"needs block column 0, whose id is -1; the pool holds blocks 0\.\.\d+"),
+    ("id past pool", lambda s: {"block_tables": s["block_tables"].index_fill(1, torch.tensor([0]), 999)}, IndexError,
+     "whose id is 999"),
+    ("scale", lambda s: {"scale": 0.0}, ValueError, "scale must be a finite float > 0"),
+    ("tile", lambda s: {"blocks_per_tile": 0}, ValueError, "blocks_per_tile must be an int >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize("name,change,err,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_named_not_a_raw_torch_error(func, name, change, err, match):
+    step, _, _ = ragged_step(13, MIXED)
+    args = {**step, "blocks_per_tile": 2, **change(step)}
+    with pytest.raises(err, match=match):
+        func(**args)
+
+
+def test_no_query_rows_gives_an_empty_result():
+    step, _, _ = ragged_step(14, MIXED)
+    empty = {**step, "q": step["q"][:0], "seq_idx": step["seq_idx"][:0], "limits": step["limits"][:0]}
+    for func in FUNCS:
+        assert func(**empty).shape == (0, 6, 32)
+
+
+# ---- bytes ---------------------------------------------------------------------------------------------------------
+def test_attention_bytes_by_hand():
+    """Rows of 1, 16 and 17 keys, KV=2, D=32, fp32, bs=16: one token's K and V of one layer is 2*2*32*4 = 512 B.
+    dense 34 tokens = 17408 B; gather reads, writes and reads back: 52224 B; the walk reads whole blocks,
+    16 + 16 + 32 = 64 slots = 32768 B, of which 30 slots (15360 B) are unused tails."""
+    got = attention_bytes([1, 16, 17], num_kv_heads=2, head_dim=32, dtype=torch.float32, block_size=16)
+    assert got == {"dense_bytes": 17408, "gather_bytes": 52224, "walk_bytes": 32768, "tail_bytes": 15360,
+                   "gather_over_walk": 52224 / 32768}
+    half = attention_bytes(torch.tensor([1, 16, 17]), 2, 32, torch.bfloat16, 16)
+    assert half["walk_bytes"] == 16384 and half["dense_bytes"] == 8704
+    one_block = attention_bytes([16] * 8, 2, 32, torch.float32, 16)
+    assert one_block["tail_bytes"] == 0 and one_block["gather_over_walk"] == 3.0
+
+
+@pytest.mark.parametrize("args,err,match", [
+    (([0], 2, 32, torch.float32, 16), ValueError, "each of context_lens must be an int >= 1, got 0"),
+    ((5, 2, 32, torch.float32, 16), TypeError, "context_lens must be a list of ints"),
+    (([4], 2, 32, "fp32", 16), TypeError, "dtype must be a torch.dtype"),
+    (([4], 2, 32, torch.float32, 0), ValueError, "block_size must be an int >= 1, got 0"),
+])
+def test_attention_bytes_refuses_bad_input(args, err, match):
+    with pytest.raises(err, match=match):
+        attention_bytes(*args)
