@@ -13,6 +13,9 @@ Three presets set the defaults; any option given explicitly overrides its preset
   static cache. On one H100 it took 102 s before the compiled row was added, and 177 s with it at 256 new
   tokens (docs/bench/h100/). Without CUDA it refuses to run, and says to use ``--quick``.
 
+``--serve`` runs the serving benchmark instead (``kvcourse.bench.serve``; ``--serve --quick`` for its short
+variant).
+
 ``--batch-sweep [METHOD]`` adds the batch sweep (``kvcourse.bench.sweep``) for each model, batch 1, 2,
 4, ... up to ``--batch-max`` (64 on CUDA, 32 elsewhere).
 """
@@ -102,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest batch of the sweep (default: 64 on CUDA, 32 elsewhere)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-weight models")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--serve", action="store_true",
+                   help="run the serving benchmark instead (kvcourse.bench.serve: static batching, transformers "
+                        "continuous batching and the course engine on one workload); the options after it are "
+                        "its own: python -m kvcourse.bench --serve --help")
     return p.parse_args(argv)
 
 
@@ -168,7 +175,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kvcourse.bench``: 0 when the run is written, 1 when a method's tokens were wrong."""
+    """``python -m kvcourse.bench``: 0 when the run is written, 1 when a method's tokens were wrong.
+
+    ``--serve`` hands the other arguments to the serving benchmark (``kvcourse.bench.serve.main``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--serve" in argv:
+        from .serve import main as serve_main
+
+        return serve_main([a for a in argv if a != "--serve"])
     args = parse_args(argv)
     plan = make_plan(args)
     try:

@@ -352,10 +352,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_plan(args: argparse.Namespace) -> ServePlan:
     name = "quick" if args.quick else "full"
     pre = PRESETS[name]
-    n = args.num_requests or pre["num_requests"]
-    spec = WorkloadSpec(num_requests=n, rate=args.rate or WorkloadSpec.rate, block_size=args.block_size,
-                        seed=args.seed)
-    budget = Budget(num_blocks=args.num_blocks or pre["num_blocks"], block_size=args.block_size,
+
+    def pick(value, default):
+        return default if value is None else value
+
+    for label, v in (("--num-requests", args.num_requests), ("--num-blocks", args.num_blocks),
+                     ("--block-size", args.block_size), ("--max-num-seqs", args.max_num_seqs),
+                     ("--max-num-batched-tokens", args.max_num_batched_tokens),
+                     ("--overhead-steps", args.overhead_steps), ("--check-big", args.check_big)):
+        if v is not None and v < 1:
+            raise SystemExit(f"{label} must be >= 1, got {v}")
+    if args.rate is not None and not args.rate > 0:
+        raise SystemExit(f"--rate must be a positive number of requests per second, got {args.rate}")
+    spec = WorkloadSpec(num_requests=pick(args.num_requests, pre["num_requests"]),
+                        rate=pick(args.rate, WorkloadSpec.rate), block_size=args.block_size, seed=args.seed)
+    budget = Budget(num_blocks=pick(args.num_blocks, pre["num_blocks"]), block_size=args.block_size,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
     overhead = pre["overhead"]
     if args.overhead is not None:
@@ -365,15 +376,11 @@ def make_plan(args: argparse.Namespace) -> ServePlan:
             raise SystemExit(f"--overhead takes BxCONTEXT pairs such as 8x128, got {args.overhead}") from None
         if any(len(o) != 2 or min(o) < 1 for o in overhead):
             raise SystemExit(f"--overhead takes BxCONTEXT pairs of ints >= 1, got {args.overhead}")
-    for label, v in (("--num-blocks", budget.num_blocks), ("--max-num-seqs", budget.max_num_seqs),
-                     ("--max-num-batched-tokens", budget.max_num_batched_tokens)):
-        if v < 1:
-            raise SystemExit(f"{label} must be >= 1, got {v}")
     return ServePlan(models=args.models or pre["models"], spec=spec, budget=budget,
                      systems=args.systems or pre["systems"],
                      budgets=pre["budgets"] if args.budgets is None else args.budgets, overhead=overhead,
-                     overhead_steps=args.overhead_steps or pre["overhead_steps"],
-                     check_big=args.check_big or pre["check_big"], seed=args.seed, preset=name,
+                     overhead_steps=pick(args.overhead_steps, pre["overhead_steps"]),
+                     check_big=pick(args.check_big, pre["check_big"]), seed=args.seed, preset=name,
                      hf_variants=args.hf_variants)
 
 

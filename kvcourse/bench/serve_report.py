@@ -31,7 +31,10 @@ def figures(res: SystemResult) -> dict:
     ttft = [r.token_times[0] - r.arrival for r in recs]
     tpot = [(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in recs if len(r.token_times) > 1]
     gaps = [b - a for r in recs for a, b in zip(r.token_times[:-1], r.token_times[1:], strict=True)]
-    q = (lambda xs, p: percentile(xs, p) if xs else None)
+
+    def q(xs: list[float], p: float) -> float | None:
+        return percentile(xs, p) if xs else None
+
     return {
         "system": res.name, "label": SYSTEMS.get(res.name, res.name),
         "requests": len(res.records), "failed": len(res.records) - len(recs),

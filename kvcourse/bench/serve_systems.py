@@ -126,7 +126,11 @@ def run_static(workload: Workload, budget: Budget, generate_batch: Callable, nam
         n = max(reqs[j].max_new_tokens for j in idx)
         ids, mask = left_pad(prompts, 0)
         ticks: list[float] = []
-        out = generate_batch(ids, mask, n, lambda: ticks.append(time.perf_counter() - t0))
+
+        def tick(ticks=ticks) -> None:
+            ticks.append(time.perf_counter() - t0)
+
+        out = generate_batch(ids, mask, n, tick)
         t = ids.shape[1]
         peak = max(peak, math.ceil(len(idx) * (t + n - 1) / budget.block_size))
         batches.append(len(idx))
