@@ -181,15 +181,6 @@ def test_quick_plan_and_bad_options():
         serve.make_plan(serve.parse_args(["--num-blocks", "0"]))
 
 
-def _engine_missing() -> str | None:
-    try:
-        import kvcourse.serve  # noqa: F401
-    except ImportError as err:
-        return f"kvcourse.serve (the engine, issue 23) is not importable yet: {err}"
-    return None
-
-
-@pytest.mark.skipif(_engine_missing() is not None, reason=str(_engine_missing()))
 def test_quick_run_with_the_engine_gives_wrong_tokens_or_drops_a_system(tmp_path, tokenizer):
     """A tiny workload through every system, the engine included: all rows, every request's tokens equal to
     kvcourse.generate on its prompt alone, the overhead and the sweep present, the files written."""
