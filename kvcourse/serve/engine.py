@@ -244,6 +244,9 @@ class Engine:
                 for out in self.step():
                     results[out.request_id] = out
                     bar.update(1)
+                if progress:
+                    bar.set_postfix(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                                    free_blocks=self.block_manager.num_free_blocks, refresh=False)
             elif nxt < len(order):
                 time.sleep(max(0.0, arrivals[order[nxt]] - self.now()))
         bar.close()
