@@ -1,0 +1,460 @@
+"""Grading plumbing for notebook 09 (the serving engine): workloads, the oracle, hooks that run the engine on a
+learner's answer, and recognisers for the likely mistakes, so the notebook's test cells stay short.
+
+Nothing here is an answer to an exercise. The references the graders compare with are the package's own
+(``attention.slot_mapping``, ``attention.gather_attention``, ``block_manager.block_hash``, ``Scheduler``);
+the ``*_variant`` functions compute what a *known mistake* gives, so a test can name it when the learner's
+result equals it (a hint only from a check that recognised the mistake).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..generate import generate
+from .engine import Engine
+from .request import Request, RequestOutput, SamplingParams, Status
+from .scheduler import ScheduledBatch, Scheduler
+
+__all__ = ["Spec", "workload", "shared_prefix_workload", "oracle", "run_engine", "token_mismatch",
+           "slot_variants", "ragged_case", "attention_variant", "attention_hint", "largest_tensor",
+           "ChunkedScheduler", "lockstep", "use_prefix_lookup", "reference_lookup", "counted"]
+
+
+# ---- workloads and the oracle ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    """What a request is, before an engine mutates it: ``request()`` builds a fresh ``Request``."""
+
+    request_id: str
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    seed: int | None = None  # None: greedy; an int: sampled at temperature 1 with this seed
+
+    def request(self) -> Request:
+        sampling = SamplingParams() if self.seed is None else SamplingParams(temperature=1.0, seed=self.seed)
+        return Request(self.request_id, list(self.prompt), self.max_new_tokens, sampling=sampling)
+
+
+def workload(n: int, seed: int, vocab_size: int, *, prompt_lens: tuple[int, int] = (3, 40),
+             new_tokens: tuple[int, int] = (4, 16), prefix: Sequence[int] = ()) -> list[Spec]:
+    """``n`` seeded greedy requests: prompts of random ids (``prefix`` first, if given), lengths uniform in the
+    ranges. Prompts differ from their first token on (unless ``prefix``), so context matters to every output."""
+    g = torch.Generator().manual_seed(seed)
+    specs = []
+    for i in range(n):
+        t = int(torch.randint(prompt_lens[0], prompt_lens[1] + 1, (), generator=g))
+        m = int(torch.randint(new_tokens[0], new_tokens[1] + 1, (), generator=g))
+        ids = torch.randint(0, vocab_size, (t,), generator=g).tolist()
+        specs.append(Spec(f"r{i}", tuple(prefix) + tuple(ids), m))
+    return specs
+
+
+def shared_prefix_workload(n: int, seed: int, vocab_size: int, prefix_len: int, **kwargs) -> list[Spec]:
+    """Half the requests (even ones) start with one shared ``prefix_len``-token system prompt."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    prefix = torch.randint(0, vocab_size, (prefix_len,), generator=g).tolist()
+    with_p = workload(n, seed, vocab_size, prefix=prefix, **kwargs)
+    without = workload(n, seed + 1, vocab_size, **kwargs)
+    return [with_p[i] if i % 2 == 0 else without[i] for i in range(n)]
+
+
+_ORACLE: dict[tuple, list[int]] = {}
+
+
+def oracle(model, specs: Sequence[Spec]) -> dict[str, list[int]]:
+    """Greedy tokens of each request alone, by ``kvcourse.generate.generate`` (memoised by model and prompt)."""
+    out = {}
+    for s in specs:
+        if s.seed is not None:
+            raise ValueError(f"oracle: request {s.request_id!r} is sampled; the oracle is for greedy requests")
+        key = (id(model), s.prompt, s.max_new_tokens)
+        if key not in _ORACLE:
+            ids = torch.tensor([list(s.prompt)])  # (1, T)
+            _ORACLE[key] = generate(model, ids, s.max_new_tokens)[0, len(s.prompt):].tolist()
+        out[s.request_id] = _ORACLE[key]
+    return out
+
+
+def counted(fn: Callable, calls: list) -> Callable:
+    """``fn`` that appends 1 to ``calls`` at every call: proof that the engine used it."""
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def run_engine(model, specs: Sequence[Spec], what: str, *, slot_mapping: Callable | None = None,
+               attention: Callable | None = None, hash_fn: Callable | None = None, lookup: Callable | None = None,
+               scheduler_cls: type[Scheduler] = Scheduler, max_steps: int = 5000,
+               **engine_kwargs) -> tuple[Engine, dict[str, RequestOutput]]:
+    """Run ``specs`` on a fresh engine with the given answers plugged in through the engine's hooks.
+
+    An error inside becomes an ``AssertionError`` naming ``what`` (the learner's answer) and the error; a
+    workload that has not finished after ``max_steps`` steps (a scheduler that never makes progress) too.
+    """
+    __tracebackhide__ = True
+    engine = Engine(model, scheduler_cls=scheduler_cls, **engine_kwargs)
+    if slot_mapping is not None:
+        engine.slot_mapping = slot_mapping
+    if attention is not None:
+        engine.runner.attention = attention
+    if hash_fn is not None:
+        engine.block_manager.hash_fn = hash_fn
+    if lookup is not None:
+        use_prefix_lookup(engine, lookup)
+    outs: dict[str, RequestOutput] = {}
+    try:
+        for s in specs:
+            engine.add_request(s.request())
+        while engine.has_unfinished():
+            if engine.stats.steps >= max_steps:
+                raise AssertionError(f"the engine ran {max_steps} steps with {what} and {len(engine.scheduler.waiting)} "
+                                     f"requests still waiting, {len(engine.scheduler.running)} running: it makes no "
+                                     f"progress")
+            for o in engine.step():
+                outs[o.request_id] = o
+    except AssertionError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the learner's error, reported with what was running
+        raise AssertionError(f"the engine failed with {what} at step {engine.stats.steps + 1}: "
+                             f"{type(err).__name__}: {err}") from None
+    return engine, outs
+
+
+def token_mismatch(outs: dict[str, RequestOutput], want: dict[str, list[int]]) -> str:
+    """'' when every request's tokens equal the oracle's; else the first request and position that differ."""
+    for rid, tokens in want.items():
+        got = outs[rid].tokens if rid in outs else None
+        if got is None:
+            return f"request {rid!r} never finished"
+        if got != tokens:
+            i = next((j for j, (a, b) in enumerate(zip(got, tokens, strict=False)) if a != b), min(len(got), len(tokens)))
+            return (f"request {rid!r} (prompt of {len(outs[rid].prompt)} tokens): generated token {i} is "
+                    f"{got[i] if i < len(got) else 'missing'}, the model alone gives "
+                    f"{tokens[i] if i < len(tokens) else 'nothing more'}")
+    return ""
+
+
+# ---- 1. slot mapping ---------------------------------------------------------------------------------------------
+def slot_variants(positions: torch.Tensor, block_tables: torch.Tensor, seq_idx: torch.Tensor,
+                  block_size: int) -> list[tuple[torch.Tensor, str]]:
+    """What the usual slot-mapping mistakes give, each with the hint that names it."""
+    p, t, s, bs = positions, block_tables, seq_idx, block_size
+    col = (p // bs).clamp(max=t.shape[1] - 1)
+    return [
+        (t[s, col] * bs + p // bs, "the offset in a block is position % block_size, not position // block_size"),
+        (t[s, (p % bs).clamp(max=t.shape[1] - 1)] * bs + p % bs,
+         "the block COLUMN of a position is position // block_size (the offset is position % block_size)"),
+        (t[0, col] * bs + p % bs, "each token reads its OWN sequence's table: block_tables[seq_idx[t]], not row 0"),
+        (t[s, col] + p % bs, "a block's first slot is block * block_size: multiply the block id by block_size"),
+        (t[s, col], "a slot is block * block_size + offset, not the block id alone"),
+        (col * bs + p % bs, "look the block id up in the table: blocks are scattered in the pool, not in order"),
+        (p, "look the block id up in the table: a position is not a slot"),
+    ]
+
+
+# ---- 2. paged attention ------------------------------------------------------------------------------------------
+def ragged_case(seed: int, lens: Sequence[int], rows: Sequence[tuple[int, int]], *, heads: int = 4, kv_heads: int = 2,
+                head_dim: int = 8, block_size: int = 4, num_blocks: int = 40, grow: float = 1.5,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """A random ragged step over a scattered pool.
+
+    ``lens``: each sequence's length; ``rows``: (sequence, position) of each query row. Each sequence's blocks are
+    scattered at random in the pool, its table padded with -1. Keys grow with their block column (``grow`` ** column),
+    so the running max of the scores changes from block to block: an online softmax that forgets to rescale is
+    visibly wrong.
+    """
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in lens]
+    if sum(need) > num_blocks:
+        raise ValueError(f"ragged_case: {sum(need)} blocks needed, the pool has {num_blocks}")
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(need) + 1
+    tables, start = [], 0
+    for k in need:
+        tables.append(perm[start:start + k] + [-1] * (width - k))
+        start += k
+    k_pool = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g)
+    v_pool = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g)
+    for seq_tbl in tables:  # scale each block by grow ** its column in that sequence
+        for c, b in enumerate(seq_tbl):
+            if b >= 0:
+                k_pool[b] *= grow ** c
+    seq_idx = torch.tensor([s for s, _ in rows])
+    limits = torch.tensor([p + 1 for _, p in rows])
+    for (s, p) in rows:
+        if not 0 <= p < lens[s]:
+            raise ValueError(f"ragged_case: row at position {p} of sequence {s}, whose length is {lens[s]}")
+    q = torch.randn(len(rows), heads, head_dim, generator=g)
+    return {"q": q.to(dtype), "k_pool": k_pool.to(dtype), "v_pool": v_pool.to(dtype),
+            "block_tables": torch.tensor(tables), "seq_idx": seq_idx, "limits": limits, "scale": head_dim ** -0.5}
+
+
+def attention_variant(case: dict, *, rescale_acc: bool = True, rescale_sum: bool = True, causal_shift: int = 0,
+                      gqa: str = "interleave", self_only: bool = False) -> torch.Tensor:
+    """The block walk with one known mistake switched on (all defaults: the right answer)."""
+    q, kp, vp = case["q"].float(), case["k_pool"].float(), case["v_pool"].float()
+    tbl, seq, lim, scale = case["block_tables"], case["seq_idx"], case["limits"], case["scale"]
+    t, h, d = q.shape
+    kv, bs = kp.shape[1], kp.shape[2]
+    g = h // kv
+    qg = q.view(t, kv, g, d) if gqa == "interleave" else q.view(t, g, kv, d).transpose(1, 2)  # (T, KV, G, D)
+    rows = tbl[seq].clamp(min=0)  # (T, M)
+    m = torch.full((t, kv, g), float("-inf"))
+    lsum, acc = torch.zeros(t, kv, g), torch.zeros(t, kv, g, d)
+    for c in range(-(-int(lim.max() + max(causal_shift, 0)) // bs)):
+        c = min(c, rows.shape[1] - 1)
+        k, v = kp[rows[:, c]], vp[rows[:, c]]  # (T, KV, bs, D)
+        s = (qg @ k.transpose(-1, -2)) * scale  # (T, KV, G, bs)
+        pos = c * bs + torch.arange(bs)
+        hide = pos != (lim[:, None] - 1) if self_only else pos >= lim[:, None] + causal_shift
+        s = s.masked_fill(hide[:, None, None, :], float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        alpha = torch.exp(m - m_new).nan_to_num(0.0)
+        p = torch.exp(s - m_new[..., None]).nan_to_num(0.0)
+        lsum = (lsum * alpha if rescale_sum else lsum) + p.sum(-1)
+        acc = (acc * alpha[..., None] if rescale_acc else acc) + p @ v
+        m = m_new
+    out = acc / lsum[..., None]
+    if gqa != "interleave":
+        return out.reshape(t, h, d)
+    return out.view(t, h, d)
+
+
+def attention_hint(got: torch.Tensor, case: dict) -> str:
+    """The likely cause, when ``got`` equals what a known mistake gives; otherwise ''."""
+    if not isinstance(got, torch.Tensor) or got.shape != case["q"].shape:
+        return ""
+    got = got.float()
+    for kwargs, hint in [({"rescale_acc": False}, "when the running max grows, rescale the accumulator by "
+                          "exp(m_old - m_new) before adding the new block"),
+                         ({"rescale_sum": False}, "when the running max grows, rescale the running sum of "
+                          "exponentials too, not only the accumulator"),
+                         ({"rescale_acc": False, "rescale_sum": False}, "when the running max grows, rescale the "
+                          "running sum and the accumulator by exp(m_old - m_new)"),
+                         ({"causal_shift": 1}, "row t sees keys 0..limits[t]-1: mask positions >= limits[t]"),
+                         ({"causal_shift": -1}, "row t sees keys 0..limits[t]-1, itself included: mask positions "
+                          ">= limits[t]"),
+                         ({"gqa": "modulo"}, "query head h reads KV head h // (H // KV): view q as (T, KV, H // KV, D)"),
+                         ({"self_only": True}, "each row must attend to every earlier key of its sequence, not only "
+                          "its own")]:
+        if torch.allclose(got, attention_variant(case, **kwargs), atol=1e-4, rtol=1e-4):
+            return hint
+    return ""
+
+
+class _Largest(TorchFunctionMode):
+    """Records the largest tensor any torch call returns, except views of the pools (they copy nothing)."""
+
+    def __init__(self, pools: Sequence[torch.Tensor]):
+        super().__init__()
+        self.pool_storages = {p.untyped_storage().data_ptr() for p in pools}
+        self.largest, self.where = 0, ""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in self.pool_storages:
+                if x.numel() > self.largest:
+                    self.largest = x.numel()
+                    self.where = f"{getattr(func, '__name__', str(func))} -> {tuple(x.shape)}"
+        return out
+
+
+def largest_tensor(fn: Callable, case: dict) -> tuple[torch.Tensor, int, str]:
+    """Run ``fn(**case)`` and return (its result, the largest tensor it made (elements), which call made it)."""
+    mode = _Largest([case["k_pool"], case["v_pool"]])
+    with mode:
+        out = fn(case["q"], case["k_pool"], case["v_pool"], case["block_tables"], case["seq_idx"], case["limits"],
+                 case["scale"])
+    return out, mode.largest, mode.where
+
+
+# ---- 3. chunked prefill: the scheduler with a learner's chunk rule -----------------------------------------------
+class ChunkedScheduler(Scheduler):
+    """The package's scheduling (running first with preemption of the newest, then FCFS admission), with the
+    number of tokens each request gets this step decided by ``self.chunk(req, budget)`` (notebook 09's answer)."""
+
+    chunk: Callable[[Request, int], int] = staticmethod(lambda req, budget: min(req.num_tokens - req.num_computed_tokens, budget))
+
+    def _n(self, req: Request, budget: int) -> int:
+        n = self.chunk(req, budget)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"num_new_tokens must return an int, got {type(n).__name__} for request {req.request_id!r}")
+        left = req.num_tokens - req.num_computed_tokens
+        if not 1 <= n <= left:
+            raise ValueError(f"num_new_tokens gave {n} tokens to request {req.request_id!r}, which has {left} known "
+                             f"tokens not yet computed ({req.num_computed_tokens} of {req.num_tokens} computed; "
+                             f"budget left {budget})")
+        return n
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status is not Status.RUNNING:
+                continue
+            n = self._n(req, budget)
+            copies = self.blocks.prepare_write(req, req.num_computed_tokens + n)
+            while copies is None:
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is req:
+                    break
+                copies = self.blocks.prepare_write(req, req.num_computed_tokens + n)
+            if req.status is not Status.RUNNING:
+                continue
+            batch.copies += copies
+            batch.items.append((req, n))
+            budget -= n
+        while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            fit = self.blocks.can_admit(req, budget)
+            if fit is None:
+                break
+            cached, hit = fit
+            self.blocks.admit(req, cached, hit)
+            n = self._n(req, budget)
+            copies = self.blocks.prepare_write(req, hit + n)
+            if copies is None:
+                self.blocks.free(req)
+                break
+            self.waiting.popleft()
+            if req.num_preemptions == 0 and not req.output:
+                req.num_cached_tokens = hit
+            req.status = Status.RUNNING
+            self.running.append(req)
+            batch.copies += copies
+            batch.items.append((req, n))
+            batch.admitted.append(req)
+            budget -= n
+        return batch
+
+
+# ---- 4. one scheduler step, in lockstep with the package's ------------------------------------------------------
+def _state(engine: Engine) -> dict:
+    st = engine.stats.history[-1] if engine.stats.history else None
+    return {"items": [(rid, n) for rid, n, _ in st.requests] if st else [], "preempted": list(st.preempted) if st else [],
+            "free": engine.block_manager.num_free_blocks, "running": [r.request_id for r in engine.scheduler.running],
+            "waiting": [r.request_id for r in engine.scheduler.waiting]}
+
+
+def lockstep(model, specs: Sequence[Spec], scheduler_cls: type[Scheduler], max_steps: int = 2000,
+             **engine_kwargs) -> tuple[str, str]:
+    """Step an engine on ``scheduler_cls`` and one on the package's ``Scheduler`` side by side on the same requests.
+
+    Returns ('', '') when every step schedules the same tokens, preempts the same requests and leaves the same
+    free blocks and queues; else (what differed at the first step that differs, the likely cause or '').
+    """
+    __tracebackhide__ = True
+    ref = Engine(model, **engine_kwargs)
+    mine = Engine(model, scheduler_cls=scheduler_cls, **engine_kwargs)
+    for s in specs:
+        ref.add_request(s.request())
+        mine.add_request(s.request())
+    done_ref: set[str] = set()
+    done_mine: set[str] = set()
+    for step in range(1, max_steps + 1):
+        if not ref.has_unfinished() and not mine.has_unfinished():
+            return "", ""
+        done_ref |= {o.request_id for o in ref.step()} if ref.has_unfinished() else set()
+        try:
+            if not mine.has_unfinished():
+                return (f"step {step}: your scheduler has no request left (running and waiting both empty) while the "
+                        f"reference still has {len(ref.scheduler.running) + len(ref.scheduler.waiting)}",
+                        "a request must stay in self.running until it finishes, or go back to self.waiting")
+            done_mine |= {o.request_id for o in mine.step()}
+        except Exception as err:  # noqa: BLE001 - reported with the step it happened in
+            return f"step {step}: the engine failed with your scheduler: {type(err).__name__}: {err}", _why_failed(err)
+        a, b = _state(mine), _state(ref)
+        if a == b:
+            continue
+        where = f"step {step} (budget {engine_kwargs.get('max_num_batched_tokens')}, {engine_kwargs.get('num_blocks')} blocks)"
+        if a["preempted"] != b["preempted"]:
+            hint = ""
+            if a["preempted"] and b["preempted"] and a["preempted"][0] != b["preempted"][0]:
+                hint = ("preempt the NEWEST running request (the last in self.running), not the oldest"
+                        if a["preempted"][0] == (b["running"] + b["preempted"])[0] else "")
+            return f"{where}: your scheduler preempted {a['preempted']}, the reference preempted {b['preempted']}", hint
+        if a["items"] != b["items"]:
+            ids_a, ids_b = [i for i, _ in a["items"]], [i for i, _ in b["items"]]
+            hint = ""
+            if set(ids_a) > set(ids_b) and b["preempted"]:
+                hint = "admit no waiting request in a step that preempted one (the pool is full)"
+            elif len(a["running"]) > engine_kwargs.get("max_num_seqs", 64):
+                hint = "admit no more than max_num_seqs running requests"
+            elif set(ids_a) > set(ids_b):
+                extra = [i for i in ids_a if i not in ids_b]
+                if any(r in b["waiting"][1:] for r in extra):
+                    hint = ("first come, first served: when the first waiting request does not fit, admit none "
+                            "after it this step (stop, do not skip ahead)")
+            return (f"{where}: your scheduler ran (request, tokens) {a['items']}, the reference {b['items']}", hint)
+        if a["free"] != b["free"]:
+            hint = ("a finished request's blocks go back to the pool: call self.blocks.free(req) in finish"
+                    if a["free"] < b["free"] else "")
+            return f"{where}: {a['free']} free blocks after the step, the reference has {b['free']}", hint
+        if a["waiting"] != b["waiting"]:
+            hint = ""
+            if sorted(a["waiting"]) == sorted(b["waiting"]) and a["waiting"][-1:] == b["waiting"][:1]:
+                hint = "a preempted request goes back to the FRONT of the waiting queue (appendleft)"
+            return f"{where}: waiting queue {a['waiting']}, the reference's {b['waiting']}", hint
+        return f"{where}: running {a['running']}, the reference's {b['running']}", ""
+    return f"the workload did not finish in {max_steps} steps", ""
+
+
+def _why_failed(err: Exception) -> str:
+    if "nothing to run" in str(err):
+        return ("the pool ran out of blocks: check that finish returns a finished request's blocks "
+                "(self.blocks.free(req)) and that preemption frees the victim's")
+    return ""
+
+
+# ---- 5. the prefix cache -----------------------------------------------------------------------------------------
+def reference_lookup(bm, tokens: Sequence[int]) -> tuple[list[int], int]:
+    """The package's prefix lookup: (cached leading blocks, prompt tokens served from them, at most len - 1)."""
+    cached = bm.match_prefix(tokens)
+    return cached, min(len(cached) * bm.block_size, len(tokens) - 1)
+
+
+def use_prefix_lookup(engine: Engine, lookup: Callable) -> None:
+    """Make ``engine`` admit requests through ``lookup(block_manager, tokens) -> (blocks, cached_tokens)``.
+
+    The rest of admission (the pool check, copies of a shared last block) is the package's
+    ``BlockManager.can_admit``; only the lookup is the learner's. The answer is checked before it is used.
+    """
+    bm = engine.block_manager
+
+    def can_admit(req: Request, num_new_tokens: int):
+        got = lookup(bm, req.tokens)
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise TypeError(f"cached_prefix must return (blocks, num_cached_tokens), got {type(got).__name__}")
+        cached, hit = list(got[0]), got[1]
+        if isinstance(hit, bool) or not isinstance(hit, int) or not 0 <= hit <= len(cached) * bm.block_size:
+            raise ValueError(f"cached_prefix returned {len(cached)} blocks and num_cached_tokens={hit!r}: expected an "
+                             f"int in 0..{len(cached) * bm.block_size}")
+        if hit >= req.num_tokens:
+            raise ValueError(f"cached_prefix says all {req.num_tokens} tokens of request {req.request_id!r} are cached: "
+                             f"nothing is left to compute, so no logits give its next token")
+        end = min(hit + num_new_tokens, req.num_tokens)
+        need = bm.blocks_for(end) - len(cached)
+        taken_free = sum(1 for b in cached if bm.blocks[b].ref_count == 0)
+        copies = 1 if cached and end <= len(cached) * bm.block_size and bm.blocks[cached[-1]].ref_count > 0 else 0
+        if bm.num_free_blocks - taken_free < max(need, 0) + copies:
+            return None
+        return cached, hit
+
+    bm.can_admit = can_admit  # an attribute of this engine's block manager only
+
+
+def copy_specs(specs: Sequence[Spec]) -> list[Spec]:
+    return copy.deepcopy(list(specs))
