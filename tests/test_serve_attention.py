@@ -181,35 +181,72 @@ def test_low_precision_inputs_accumulate_in_fp32(dtype, rtol, blocks_per_tile):
     torch.testing.assert_close(gather_attention(**step).float(), oracle(step, dk, dv), atol=1e-5, rtol=rtol)
 
 
-class _Largest(TorchDispatchMode):
-    """Records the largest tensor any op makes (views of its inputs, such as a view of the whole pool, excluded)."""
+class _PoolReads(TorchDispatchMode):
+    """Records every op that reads the pools: its name and how many elements it makes from them."""
 
-    def __init__(self):
+    def __init__(self, *pools):
         super().__init__()
-        self.largest = 0
+        self.pools = {p.untyped_storage().data_ptr() for p in pools}
+        self.reads: list[tuple[str, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, o.numel())
+        ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if any(a.untyped_storage().data_ptr() in self.pools for a in ins) and isinstance(out, torch.Tensor):
+            if out.untyped_storage().data_ptr() not in self.pools:  # not a view of the pool: a copy out of it
+                self.reads.append((str(func.overloadpacket.__name__), out.numel()))
         return out
 
 
-def test_walk_never_gathers_a_whole_sequence():
-    """With 2 blocks a tile, no tensor the walk makes holds more than one tile of keys for every row."""
-    seqs = [(64, 1)] * 4
+@pytest.mark.parametrize("seqs,rows_sharing", [([(64, 1)] * 4, 4), ([(64, 40), (30, 1)], 1)],
+                         ids=["decode rows", "prefill chunk"])
+def test_walk_never_gathers_a_whole_sequence(seqs, rows_sharing):
+    """With 2 blocks a tile, each copy out of the pool holds at most one tile (2 x 4 keys) of each query tile
+    (every decode row; the prefill chunk's rows share one), never a sequence's 64 keys; the gather copies them all."""
     step, _, _ = ragged_step(11, seqs, bs=4, d=8, spare_blocks=0)
-    t, kv, bs, d = 4, 2, 4, 8
-    tile = t * kv * 2 * bs * d  # (T, KV, P * bs, D)
-    whole = t * kv * 64 * d
-    with _Largest() as walk:
+    kv, d = 2, 8
+    tile = rows_sharing * kv * 2 * 4 * d  # (query tiles, KV, P * bs, D)
+    whole = kv * 64 * d  # one sequence's keys
+    with _PoolReads(step["k_pool"], step["v_pool"]) as walk:
         paged_attention(**step, blocks_per_tile=2)
-    with _Largest() as gather:
+    assert walk.reads and all(name == "index_select" and n <= tile for name, n in walk.reads), walk.reads
+    assert max(n for _, n in walk.reads) < whole
+    with _PoolReads(step["k_pool"], step["v_pool"]) as gather:
         gather_attention(**step)
-    assert walk.largest <= tile < whole <= gather.largest, (walk.largest, tile, gather.largest)
+    assert max(n for _, n in gather.reads) >= whole
+
+
+@pytest.mark.parametrize("query_tile", [1, 2, 4, 64])
+def test_prefill_chunk_cut_into_query_tiles_of_any_size(monkeypatch, query_tile):
+    """The rows of one sequence share key tiles in query tiles of at most QUERY_TILE rows (9 rows: 4 + 4 + 1 ...)."""
+    monkeypatch.setattr(A, "QUERY_TILE", query_tile)
+    step, dk, dv = ragged_step(15, MIXED)
+    for p in (1, 3):
+        torch.testing.assert_close(paged_attention(**step, blocks_per_tile=p), oracle(step, dk, dv), atol=1e-5,
+                                   rtol=0)
+
+
+def test_rows_of_a_sequence_need_not_be_adjacent():
+    """Rows in any order (a sequence's chunk split by other rows): each row's output follows it."""
+    step, dk, dv = ragged_step(16, MIXED)
+    want = oracle(step, dk, dv)
+    perm = torch.randperm(len(step["limits"]), generator=torch.Generator().manual_seed(0))
+    shuffled = {**step, "q": step["q"][perm], "seq_idx": step["seq_idx"][perm], "limits": step["limits"][perm]}
+    for func in FUNCS:
+        torch.testing.assert_close(func(**shuffled, blocks_per_tile=2), want[perm], atol=1e-5, rtol=0)
+
+
+def test_query_sliced_from_a_fused_projection():
+    """The model runner passes q as a slice of a (T, H + 2 KV, D) projection: a non-contiguous view."""
+    step, dk, dv = ragged_step(17, MIXED)
+    t, h, d = step["q"].shape
+    fused = torch.randn(t, h + 4, d)
+    fused[:, :h] = step["q"]
+    q = fused[:, :h]
+    assert not q.is_contiguous()
+    for func in FUNCS:
+        torch.testing.assert_close(func(**{**step, "q": q}, blocks_per_tile=2), oracle(step, dk, dv), atol=1e-5,
+                                   rtol=0)
 
 
 # ---- slots and writes ----------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ Shapes: T query rows, H query heads, KV key/value heads (GQA: query head h reads
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 
 import torch
@@ -218,19 +220,20 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
 
 # ---- attention ---------------------------------------------------------------------------------------------------
 def _online_update(state: tuple | None, s: torch.Tensor, v: torch.Tensor) -> tuple:
-    """Fold one tile into (m, l, acc): scores s (R, KV, G, L) with -inf where masked, values v (R, KV, L, D).
+    """Fold one tile into (m, l, acc): scores s (B, KV, X, L) with -inf where masked, values v (B, KV, L, D).
 
-    m (R, KV, G) running max, l (R, KV, G) running sum of exp(s - m), acc (R, KV, G, D) running sum of
-    exp(s - m) @ v. A new max rescales what was summed against the old one by exp(m_old - m_new).
+    X = query rows x heads of a query tile. m (B, KV, X) running max, l (B, KV, X) running sum of exp(s - m),
+    acc (B, KV, X, D) running sum of exp(s - m) @ v. A new max rescales what was summed against the old one by
+    exp(m_old - m_new). ``s`` is a temporary: it is overwritten with exp(s - m) in place.
     """
-    m_tile = s.amax(-1)  # (R, KV, G); -inf only for a tile fully masked in a row, never the first tile
+    m_tile = s.amax(-1)  # (B, KV, X); -inf only for a tile fully masked in a row, never the first tile
     if state is None:
-        p = torch.exp(s - m_tile[..., None])  # (R, KV, G, L)
+        p = s.sub_(m_tile[..., None]).exp_()  # (B, KV, X, L)
         return m_tile, p.sum(-1), p @ v
     m, denom, acc = state
-    m_new = torch.maximum(m, m_tile)  # (R, KV, G): finite, since the first tile holds key 0
-    p = torch.exp(s - m_new[..., None])  # (R, KV, G, L): masked keys give exp(-inf) = 0
-    alpha = torch.exp(m - m_new)  # (R, KV, G): 1 where the max did not change
+    m_new = torch.maximum(m, m_tile)  # (B, KV, X): finite, since the first tile holds key 0
+    p = s.sub_(m_new[..., None]).exp_()  # (B, KV, X, L): masked keys give exp(-inf) = 0
+    alpha = torch.exp(m - m_new)  # (B, KV, X): 1 where the max did not change
     return m_new, denom * alpha + p.sum(-1), acc * alpha[..., None] + p @ v
 
 
@@ -244,8 +247,14 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     (N, KV, bs, D). ``limits[t]`` is the row's position + 1 (causal). Returns (T, H, D) in q's dtype; the
     scores, max, sum and accumulator are fp32 whatever the input dtype.
 
-    Only the table columns up to the longest limit are walked; table entries past a row's last needed block may
-    be anything (-1 padding): they are read as block 0 and masked.
+    The rows are walked in *query tiles*: the rows of one sequence in this step (a prefill chunk), up to
+    ``QUERY_TILE`` of them, share each key tile, so its blocks are gathered once for all of them and their
+    scores are one matrix product (FlashAttention's blocking over queries); a sequence with a single row (a
+    decode token) is its own query tile, and those are walked together with no padding. Query tiles are
+    walked longest first, and one whose rows have all ended stops being read: a long sequence does not make
+    the short ones beside it read masked tiles. Only the table columns up to each tile's longest limit are
+    read; entries past a row's last needed block may be anything (-1 padding): they are read as block 0 and
+    masked.
     """
     who = "paged_attention"
     _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, who)
@@ -255,31 +264,104 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if t == 0:
         return q.new_empty(0, h, d)
     g = h // kv  # query heads per KV head
-    limits = limits.long()
-    tbl = _row_tables(block_tables, seq_idx.long(), limits, bs, n, who)  # (T, M), padding -> block 0
-    lo, hi = int(limits.min()), int(limits.max())
-    width = -(-hi // bs)  # table columns any row reads
-    qf = (q.float() * scale).view(t, kv, g, d)  # (T, KV, G, D): head h = kv_head * G + i, as repeat_kv
-    # the pools as one row per (block, kv head), (N * KV, bs * D): row block * KV + j holds head j of the block,
-    # so gathering rows in (T, KV, P) order gives each tile directly as (T, KV, P * bs, D), no transpose
-    heads = torch.arange(kv, device=q.device)
-    rows = tbl[:, None, :width] * kv + heads[None, :, None]  # (T, KV, W)
-    k_rows, v_rows = k_pool.view(n * kv, bs * d), v_pool.view(n * kv, bs * d)
-    state = None
+    seq_idx, limits = seq_idx.long(), limits.long()
+    tbl = _row_tables(block_tables, seq_idx, limits, bs, n, who)  # (T, M), padding -> block 0
+    qf = q.float() * scale  # (T, H, D) fp32; head h = kv_head * G + i, as repeat_kv
+    pools = k_pool.view(n * kv, bs * d), v_pool.view(n * kv, bs * d)  # one row per (block, kv head)
+    out = torch.empty(t, h, d, dtype=torch.float32, device=q.device)
+
+    # query tiles: rows sorted by sequence (stable), then cut into runs of at most QUERY_TILE rows of one sequence
+    seq_sorted, order = torch.sort(seq_idx, stable=True)  # (T,), (T,)
+    first = torch.ones(t, dtype=torch.bool, device=q.device)
+    first[1:] = seq_sorted[1:] != seq_sorted[:-1]  # (T,) a sequence's first row
+    if bool(first.all()):  # one row per sequence (a decode step): every row is its own query tile
+        oa = _walk(qf.view(t, kv, g, d), limits[:, None], tbl, pools, kv, bs, p_tile)  # (T, KV, G, D)
+        return oa.view(t, h, d).to(q.dtype)
+    idx = torch.arange(t, device=q.device)
+    start_of_run = torch.cummax(torch.where(first, idx, 0), 0).values  # (T,) index of its sequence's first row
+    rank = idx - start_of_run  # (T,) rank of the row within its sequence
+    tile_id = torch.cumsum(first | (rank % QUERY_TILE == 0), 0) - 1  # (T,) query tile of each sorted row
+    sizes = torch.bincount(tile_id)  # (tiles,)
+    single = sizes[tile_id] == 1  # (T,) rows alone in their query tile: decode tokens
+
+    rows_a = order[single]  # (TA,) decode-like rows
+    if rows_a.numel():
+        qa = qf[rows_a].view(-1, kv, g, d)  # (TA, KV, G, D)
+        oa = _walk(qa, limits[rows_a][:, None], tbl[rows_a], pools, kv, bs, p_tile)  # (TA, KV, G, D)
+        out[rows_a] = oa.view(-1, h, d)
+    multi = ~single
+    if bool(multi.any()):
+        rows_b, tiles_b = order[multi], tile_id[multi]  # (TB,) rows of multi-row query tiles, sorted by tile
+        tiles, counts = torch.unique_consecutive(tiles_b, return_counts=True)  # (NB,)
+        r = int(counts.max())  # rows a query tile holds, padded to
+        nb = tiles.numel()
+        slot = torch.arange(rows_b.numel(), device=q.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)  # (TB,) row's place in its query tile
+        which = torch.repeat_interleave(torch.arange(nb, device=q.device), counts)  # (TB,) its query tile
+        qb = qf.new_zeros(nb, r, h, d)  # (NB, R, H, D): padding rows are zeros ...
+        qb[which, slot] = qf[rows_b]
+        lim_b = limits.new_ones(nb, r)  # ... with limit 1 (key 0 only: finite, and discarded)
+        lim_b[which, slot] = limits[rows_b]
+        qb = qb.view(nb, r, kv, g, d).transpose(1, 2).reshape(nb, kv, r * g, d)  # (NB, KV, R * G, D)
+        row_of = torch.zeros(nb, r, dtype=torch.long, device=q.device)
+        row_of[which, slot] = rows_b  # (NB, R) the rows of each query tile
+        longest = row_of[torch.arange(nb, device=q.device), lim_b.argmax(1)]  # (NB,) its row of largest limit,
+        ob = _walk(qb, lim_b, tbl[longest], pools, kv, bs, p_tile)  # whose table has every block the tile reads
+        ob = ob.view(nb, kv, r, g, d).transpose(1, 2)  # (NB, R, KV, G, D)
+        out[rows_b] = ob[which, slot].reshape(-1, h, d)
+    return out.to(q.dtype)  # (T, H, D)
+
+
+# rows of one sequence that share a key tile (a prefill chunk is cut into query tiles of at most this many rows)
+QUERY_TILE = 64
+
+
+def _walk(qg: torch.Tensor, lim: torch.Tensor, tbl: torch.Tensor, pools: tuple, kv: int, bs: int,
+          p_tile: int) -> torch.Tensor:
+    """The block walk for B query tiles of R rows each, one sequence per query tile.
+
+    qg (B, KV, R * G, D) scaled fp32 queries, rows then heads; lim (B, R) each row's limit; tbl (B, M) the
+    tile's sequence's block ids (padding already 0); pools: K and V as (N * KV, bs * D). Returns (B, KV, R * G, D).
+    """
+    b, _, rg, d = qg.shape
+    r = lim.shape[1]
+    tops, lows = lim.amax(1).tolist(), lim.amin(1).tolist()  # the longest and shortest row of each query tile
+    order = sorted(range(b), key=tops.__getitem__, reverse=True)  # walk the longest first: the active are a prefix
+    if order != list(range(b)):
+        perm = torch.tensor(order, device=qg.device)
+        qg, lim, tbl = qg[perm], lim[perm], tbl[perm]
+        tops, lows = [tops[i] for i in order], [lows[i] for i in order]
+    lows = list(itertools.accumulate(lows, min))  # lows[i]: the shortest row among query tiles 0..i
+    neg_tops = [-x for x in tops]  # ascending, for bisect
+    width = -(-tops[0] // bs)  # table columns the longest tile reads
+    heads = torch.arange(kv, device=qg.device)
+    # row block * KV + j of a pool holds head j of that block: gathering rows in (B, KV, P) order gives a tile
+    # directly as (B, KV, P * bs, D), with no transpose
+    rows = tbl[:, None, :width] * kv + heads[None, :, None]  # (B, KV, W)
+    out = torch.empty_like(qg)
+    state, active = None, b
     for c0 in range(0, width, p_tile):
-        c1 = min(c0 + p_tile, width)
-        ids = rows[:, :, c0:c1].reshape(-1)  # (T * KV * P,): this tile's rows of the pool
-        length = (c1 - c0) * bs  # L keys in the tile
-        k = k_rows.index_select(0, ids).view(t, kv, length, d).float()  # (T, KV, L, D), fp32
-        v = v_rows.index_select(0, ids).view(t, kv, length, d).float()
-        s = qf @ k.transpose(-1, -2)  # (T, KV, G, L)
-        start = c0 * bs
-        if start + length > lo:  # some row ends inside this tile: mask its keys >= its limit
-            pos = torch.arange(start, start + length, device=q.device)  # (L,)
-            s = s.masked_fill((pos >= limits[:, None])[:, None, None, :], float("-inf"))
+        c1, start = min(c0 + p_tile, width), c0 * bs
+        length = (c1 - c0) * bs  # L keys in this tile
+        now = bisect.bisect_left(neg_tops, -start)  # query tiles with a row that reaches this tile
+        if now < active:  # the rest have ended: their result is final
+            m, denom, acc = state
+            out[now:active] = acc[now:] / denom[now:, ..., None]
+            state, active = (m[:now], denom[:now], acc[:now]), now
+        ids = rows[:active, :, c0:c1].reshape(-1)  # (B' * KV * P,) this tile's rows of the pool
+        k = pools[0].index_select(0, ids).view(active, kv, length, d).float()  # (B', KV, L, D) fp32
+        v = pools[1].index_select(0, ids).view(active, kv, length, d).float()
+        s = qg[:active] @ k.transpose(-1, -2)  # (B', KV, R * G, L)
+        if start + length > lows[active - 1]:  # some row ends inside this tile: mask its keys >= its limit
+            pos = torch.arange(start, start + length, device=qg.device)  # (L,)
+            mask = (pos >= lim[:active, :, None])[:, None, :, None, :]  # (B', 1, R, 1, L)
+            s.view(active, kv, r, rg // r, length).masked_fill_(mask, float("-inf"))
         state = _online_update(state, s, v)
     _, denom, acc = state
-    return (acc / denom[..., None]).view(t, h, d).to(q.dtype)  # (T, KV, G, D) -> (T, H, D)
+    out[:active] = acc / denom[..., None]
+    if order == list(range(b)):
+        return out  # (B, KV, R * G, D)
+    return out[torch.argsort(perm)]  # (B, KV, R * G, D) in the caller's order
 
 
 def gather_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
