@@ -75,13 +75,16 @@ def oracle(step: dict, dense_k: list, dense_v: list) -> torch.Tensor:
 
 # lengths: 1 token, exactly one block, a block boundary +-1, several blocks; prefill chunks and decode rows mixed
 MIXED = [(1, 1), (4, 1), (5, 1), (8, 3), (9, 9), (23, 1), (17, 6), (3, 2)]
+# a decode step: one row per sequence (paged_attention walks it without grouping rows)
+DECODE = [(1, 1), (4, 1), (5, 1), (8, 1), (23, 1), (16, 1), (17, 1), (3, 1)]
 
 
 @pytest.mark.parametrize("func", FUNCS)
 @pytest.mark.parametrize("blocks_per_tile", [1, 2, 3, 4, 8, 16])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ragged_rows_equal_sdpa_over_their_own_prefix(func, blocks_per_tile, seed):
-    step, dk, dv = ragged_step(seed, MIXED)
+@pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_ragged_rows_equal_sdpa_over_their_own_prefix(func, blocks_per_tile, seed, seqs):
+    step, dk, dv = ragged_step(seed, seqs)
     out = func(**step, blocks_per_tile=blocks_per_tile)
     assert out.shape == step["q"].shape and out.dtype == torch.float32
     torch.testing.assert_close(out, oracle(step, dk, dv), atol=1e-5, rtol=0)
@@ -90,8 +93,9 @@ def test_ragged_rows_equal_sdpa_over_their_own_prefix(func, blocks_per_tile, see
 @pytest.mark.parametrize("func", FUNCS)
 @pytest.mark.parametrize("heads,kv", [(6, 2), (4, 4), (4, 1)], ids=["gqa", "mha", "mqa"])
 @pytest.mark.parametrize("blocks_per_tile", [1, 3])
-def test_gqa_query_head_reads_kv_head_h_over_group(func, heads, kv, blocks_per_tile):
-    step, dk, dv = ragged_step(3, MIXED, heads=heads, kv=kv, d=16)
+@pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_gqa_query_head_reads_kv_head_h_over_group(func, heads, kv, blocks_per_tile, seqs):
+    step, dk, dv = ragged_step(3, seqs, heads=heads, kv=kv, d=16)
     torch.testing.assert_close(func(**step, blocks_per_tile=blocks_per_tile), oracle(step, dk, dv), atol=1e-5, rtol=0)
 
 
@@ -214,6 +218,21 @@ def test_walk_never_gathers_a_whole_sequence(seqs, rows_sharing):
     with _PoolReads(step["k_pool"], step["v_pool"]) as gather:
         gather_attention(**step)
     assert max(n for _, n in gather.reads) >= whole
+
+
+@pytest.mark.parametrize("seqs", [[(5, 1), (7, 1), (4, 1), (64, 1)], [(5, 5), (7, 1), (4, 4), (64, 3)]],
+                         ids=["decode rows", "prefill chunks"])
+def test_short_rows_stop_reading_once_they_end(seqs):
+    """One 64-token sequence beside ones of 5, 7 and 4 tokens, 1 block (4 keys) a tile: block 0 of all four,
+    block 1 of the three longer than 4, then blocks 2..15 of the long one only: 4 + 3 + 14 = 21 block reads
+    (per K and V), not 16 for each of the four."""
+    step, dk, dv = ragged_step(18, seqs, bs=4, d=8, spare_blocks=0)
+    per_tile = 2 * 4 * 8  # KV x bs x D of one block
+    with _PoolReads(step["k_pool"], step["v_pool"]) as walk:
+        out = paged_attention(**step, blocks_per_tile=1)
+    torch.testing.assert_close(out, oracle(step, dk, dv), atol=1e-5, rtol=0)
+    read = sum(n for _, n in walk.reads) // 2  # K and V alike
+    assert read == 21 * per_tile, f"read {read // per_tile} blocks, want 21 (not 64)"
 
 
 @pytest.mark.parametrize("query_tile", [1, 2, 4, 64])
@@ -383,3 +402,9 @@ def test_attention_bytes_by_hand():
 def test_attention_bytes_refuses_bad_input(args, err, match):
     with pytest.raises(err, match=match):
         attention_bytes(*args)
+
+
+def test_benchmark_times_every_tile_size_and_the_gather():
+    """A smoke run on a tiny step (no assertion on the times: the machine is shared)."""
+    res = A.benchmark(4, 40, prefill=8, tiles=(1, 2), repeats=1, calls=1)
+    assert set(res) == {"walk P=1", "walk P=2", "gather"} and all(v > 0 for v in res.values())

@@ -13,20 +13,32 @@ hands that to SDPA. A serving engine's attention reads the pool through the bloc
   the running sum of exponentials ``l`` and the output accumulator ``acc``. When the max grows from ``m_old``
   to ``m_new``, what was summed so far was exponentiated against the old max, so ``l`` and ``acc`` are both
   rescaled by ``exp(m_old - m_new)`` before the tile is added. At the end, ``acc / l`` is exactly softmax(s) @ V.
-  This is the online normalizer of Milakov & Gimelshein 2018 ("Online normalizer calculation for softmax",
-  arXiv:1805.02867, algorithm 3), which FlashAttention (Dao et al. 2022, arXiv:2205.14135) applies to attention
-  tile by tile, and flash-decoding (Dao, Haziza, Massa & Sizov, "Flash-Decoding for long-context inference",
-  2023 blog post) splits over the keys of one decode query. vLLM's PagedAttention (Kwon et al. 2023,
-  arXiv:2309.06180, section 4.1 and Fig. 5) reads the keys through the block table in the kernel the same way:
-  its ``paged_attention_v2`` kernel splits a sequence into partitions, keeps a max and an exp-sum per
-  partition and rescales them in a reduce step (vllm-project/vllm, ``csrc/attention/``).
 
-``gather_attention`` is the reference the walk is tested against: it gathers every row's keys densely (as
-notebook 08 does) and runs SDPA with a mask. ``attention_bytes`` counts the bytes each approach moves.
+Sources. The running max and the rescaled running sum are the online normalizer of Milakov & Gimelshein 2018
+("Online normalizer calculation for softmax", arXiv:1805.02867). FlashAttention (Dao et al. 2022,
+arXiv:2205.14135) carries an output accumulator along with them, tile by tile. Flash-decoding (Dao, Haziza,
+Massa & Sizov, "Flash-Decoding for long-context inference", 2023 blog post) splits the keys of a decode query
+into chunks, attends to each in parallel with its log-sum-exp, and rescales them in a final reduction. vLLM's
+PagedAttention (Kwon et al. 2023, arXiv:2309.06180) reads the keys through the block table inside the kernel;
+its ``paged_attention_v2`` splits a sequence into partitions (``PARTITION_SIZE`` 512 tokens by default), writes
+a max logit and an exp-sum per partition, and combines them in a reduce kernel (vllm-project/vllm,
+``csrc/attention/paged_attention_v2.cu`` at 0e60ae8). Here the tiles are combined one after the other (the
+same algebra, done sequentially).
 
-This is PyTorch on the CPU: each tile is gathered into a small temporary ``(T, KV, blocks_per_tile * bs, D)``
-(never a whole sequence unless one tile covers it); a GPU kernel would read the blocks in place. A Triton kernel
-of the same walk is future work when a GPU is lent (none was in this session).
+How the rows are walked (PyTorch, vectorised over rows; the only Python loop is over tiles):
+
+- a *query tile* is a set of rows that read the same keys: the rows of one sequence in this step (a prefill
+  chunk), up to ``QUERY_TILE`` of them, or a single decode row. A key tile is gathered once per query tile and
+  its scores are one matrix product for all its rows (FlashAttention's blocking over queries); a prefill chunk
+  does not copy its sequence's keys once per row;
+- query tiles are walked longest first, and one whose rows have all ended stops being read: one long sequence
+  does not make the short ones beside it read masked tiles;
+- GQA: the G = H // KV query heads of a KV head are rows of the same matrix product, so the KV heads are never
+  repeated.
+
+This is PyTorch on the CPU: each key tile is gathered into a small temporary ``(query tiles, KV,
+blocks_per_tile * bs, D)``, never a whole sequence unless one tile covers it; a GPU kernel would read the blocks
+in place. A Triton kernel of the same walk is future work when a GPU is lent (none was in this session).
 
 Shapes: T query rows, H query heads, KV key/value heads (GQA: query head h reads KV head h // (H // KV), as
 ``repeat_kv`` gives), D head size, N blocks in the pool, bs tokens a block, S sequences, M table columns.
@@ -41,7 +53,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["slot_mapping", "write_kv", "paged_attention", "gather_attention", "attention_bytes",
+__all__ = ["slot_mapping", "write_kv", "paged_attention", "gather_attention", "attention_bytes", "benchmark",
            "DEFAULT_BLOCKS_PER_TILE"]
 
 # Measured on the bundled model's dims (H=6, KV=2, D=32), T=32 decode rows of context 256, bs=16, 2 CPU cores:
@@ -429,3 +441,43 @@ def attention_bytes(context_lens, num_kv_heads: int, head_dim: int, dtype: torch
     walk = sum(-(-n // bs) * bs for n in lens) * per_token
     return {"dense_bytes": dense, "gather_bytes": 3 * dense, "walk_bytes": walk, "tail_bytes": walk - dense,
             "gather_over_walk": 3 * dense / walk if walk else 0.0}
+
+
+# ---- timing ------------------------------------------------------------------------------------------------------
+def benchmark(rows: int = 32, context: int = 256, *, prefill: int = 0, block_size: int = 16, heads: int = 6,
+              kv_heads: int = 2, head_dim: int = 32, tiles: tuple = (1, 4, 8, 16), repeats: int = 7,
+              calls: int = 10, seed: int = 0) -> dict:
+    """Median CPU time per call (microseconds, this thread's CPU time) of ``paged_attention`` at each
+    ``blocks_per_tile`` and of ``gather_attention``, on a seeded step: ``rows`` decode rows of ``context`` keys
+    each, plus, if ``prefill`` > 0, one prefill chunk of ``prefill`` rows ending at ``context`` keys. Blocks
+    are handed out in a shuffled order. Defaults: the bundled model's dims (H=6, KV=2, D=32), fp32.
+
+    Returns ``{"walk P=1": us, ..., "gather": us}``. Timings depend on the machine and its load; the module's
+    tests never assert on them.
+    """
+    import time
+
+    g = torch.Generator().manual_seed(seed)
+    nseq = rows + (1 if prefill else 0)
+    width = -(-context // block_size)
+    num_blocks = nseq * width
+    tables = torch.randperm(num_blocks, generator=g).view(nseq, width)  # (S, M)
+    k_pool = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g)  # (N, KV, bs, D)
+    v_pool = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g)
+    seq_idx = torch.cat([torch.arange(rows), torch.full((prefill,), rows)]).long()  # (T,)
+    limits = torch.cat([torch.full((rows,), context), torch.arange(context - prefill + 1, context + 1)]).long()
+    q = torch.randn(rows + prefill, heads, head_dim, generator=g)  # (T, H, D)
+    args = (q, k_pool, v_pool, tables, seq_idx, limits, head_dim ** -0.5)
+    cands = {f"walk P={p}": (lambda p=p: paged_attention(*args, blocks_per_tile=p)) for p in tiles}
+    cands["gather"] = lambda: gather_attention(*args)
+    times: dict[str, list[float]] = {name: [] for name in cands}
+    for f in cands.values():
+        f()  # warm up
+    for _ in range(repeats):  # interleaved, so a burst of load hits every candidate alike
+        for name, f in cands.items():
+            t0 = time.thread_time()
+            for _ in range(calls):
+                f()
+            times[name].append((time.thread_time() - t0) / calls * 1e6)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
