@@ -105,8 +105,9 @@ def test_gqa_head_grouping_is_not_interleaved():
     out = paged_attention(**step, blocks_per_tile=2)
     g = step["q"].shape[1] // step["k_pool"].shape[1]
     for h in range(step["q"].shape[1]):
-        one = {**step, "q": step["q"][:, h:h + 1].contiguous(), "k_pool": step["k_pool"][:, h // g:h // g + 1],
-               "v_pool": step["v_pool"][:, h // g:h // g + 1]}
+        one = {**step, "q": step["q"][:, h:h + 1].contiguous(),
+               "k_pool": step["k_pool"][:, h // g:h // g + 1].contiguous(),  # (N, 1, bs, D): KV head h // G alone
+               "v_pool": step["v_pool"][:, h // g:h // g + 1].contiguous()}
         torch.testing.assert_close(out[:, h:h + 1], paged_attention(**one), atol=1e-6, rtol=0)
 
 
@@ -300,7 +301,8 @@ def test_write_kv_then_attention_round_trip():
     seq_idx = torch.tensor([s for s, (n, _) in enumerate(MIXED) for _ in range(n)])
     positions = torch.tensor([p for n, _ in MIXED for p in range(n)])
     slots = slot_mapping(positions, step["block_tables"], seq_idx, 4)
-    write_kv(k_pool, v_pool, torch.cat(dk), torch.cat(dv), slots, 4)
+    kv_proj = torch.cat([torch.cat(dk), torch.cat(dv)], dim=1)  # (T, 2 KV, D): k and v as the runner slices them
+    write_kv(k_pool, v_pool, kv_proj[:, :2], kv_proj[:, 2:], slots, 4)
     assert torch.equal(k_pool[slots // 4, :, slots % 4], torch.cat(dk))
     assert torch.equal(v_pool[slots // 4, :, slots % 4], torch.cat(dv))
     written = k_pool.transpose(1, 2).reshape(-1, 2 * 32).ne(0).any(1).nonzero().flatten()  # (N * bs) slots
@@ -359,6 +361,9 @@ BAD = [
     ("id past pool", lambda s: {"block_tables": s["block_tables"].index_fill(1, torch.tensor([0]), 999)}, IndexError,
      "whose id is 999"),
     ("scale", lambda s: {"scale": 0.0}, ValueError, "scale must be a finite float > 0"),
+    ("no tables", lambda s: {"block_tables": s["block_tables"][:0]}, IndexError, "block_tables has no rows"),
+    ("strided pool", lambda s: {"k_pool": s["k_pool"].transpose(0, 1).contiguous().transpose(0, 1)}, ValueError,
+     "k_pool and v_pool must be contiguous"),
     ("tile", lambda s: {"blocks_per_tile": 0}, ValueError, "blocks_per_tile must be an int >= 1, got 0"),
 ]
 

@@ -99,6 +99,8 @@ def _check_rows(name: str, x, t: int, who: str) -> None:
 
 
 def _check_seq_idx(seq_idx: torch.Tensor, num_seqs: int, who: str) -> None:
+    if num_seqs == 0:
+        raise IndexError(f"{who}: block_tables has no rows, so no seq_idx can index it; got {seq_idx.numel()} rows")
     bad = (seq_idx < 0) | (seq_idx >= num_seqs)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -135,6 +137,9 @@ def _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, wh
     if h % kv:
         raise ValueError(f"{who}: the query heads must be a multiple of the KV heads (each KV head serves "
                          f"H // KV query heads), got H={h} and KV={kv}")
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):  # read as one row per (block, kv head)
+        raise ValueError(f"{who}: k_pool and v_pool must be contiguous (N, KV, bs, D) tensors, as the engine "
+                         f"allocates them; got strides {k_pool.stride()} and {v_pool.stride()}")
     if q.dtype != k_pool.dtype or q.device != k_pool.device:
         raise ValueError(f"{who}: q and the pools must have the same dtype and device, got q {q.dtype} on "
                          f"{q.device}, pool {k_pool.dtype} on {k_pool.device}")
