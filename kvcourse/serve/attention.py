@@ -63,6 +63,8 @@ __all__ = ["slot_mapping", "write_kv", "paged_attention", "gather_attention", "a
 # Small tiles pay per-tile overhead (the Python loop), large ones read masked keys; the engine end to end (32
 # requests x 128 tokens, bundled model) ran within noise at P=8 and P=16.
 DEFAULT_BLOCKS_PER_TILE = 8
+# rows of one sequence that share each key tile: a prefill chunk is cut into query tiles of at most this many rows
+QUERY_TILE = 64
 
 
 # ---- checks ------------------------------------------------------------------------------------------------------
@@ -332,9 +334,6 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     return out.to(q.dtype)  # (T, H, D)
 
 
-# rows of one sequence that share a key tile (a prefill chunk is cut into query tiles of at most this many rows)
-QUERY_TILE = 64
-
 
 def _walk(qg: torch.Tensor, lim: torch.Tensor, tbl: torch.Tensor, pools: tuple, kv: int, bs: int,
           p_tile: int) -> torch.Tensor:
@@ -387,11 +386,11 @@ def _walk(qg: torch.Tensor, lim: torch.Tensor, tbl: torch.Tensor, pools: tuple, 
 def gather_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                      seq_idx: torch.Tensor, limits: torch.Tensor, scale: float,
                      blocks_per_tile: int = DEFAULT_BLOCKS_PER_TILE) -> torch.Tensor:
-    """The reference: gather each row's keys and values densely, (T, H, max_limit, D), and run SDPA with a mask.
+    """The reference: gather each row's keys and values densely, (T, KV, max_limit, D), and run SDPA with a mask.
 
     This is what notebook 08's ``PagedKVCache.update`` does per sequence: a copy of every key a row sees (padded
-    to the longest row), repeated for GQA. Same arguments and result as ``paged_attention``
-    (``blocks_per_tile`` is accepted and unused); computed in fp32, returned in q's dtype.
+    to the longest row; every row gets its own copy, even rows of the same sequence). Same arguments and result
+    as ``paged_attention`` (``blocks_per_tile`` is accepted and unused); computed in fp32, returned in q's dtype.
     """
     who = "gather_attention"
     _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, who)
@@ -411,7 +410,7 @@ def gather_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     v = v.transpose(1, 2).reshape(t, kv, width * bs, d)[:, :, :length].float()
     pos = torch.arange(length, device=q.device)  # (L,)
     mask = (pos < limits[:, None])[:, None, None, :]  # (T, 1, 1, L)
-    # enable_gqa: query head h reads KV head h // (H // KV), as repeat_kv, without materialising the repeat
+    # enable_gqa (torch >= 2.5): query head h reads KV head h // (H // KV), as repeat_kv pairs them
     out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=True)  # (T, H, 1, D)
     return out[:, :, 0].to(q.dtype)  # (T, H, D)
