@@ -2,10 +2,12 @@
 
 The oracle never touches the module: each sequence's keys and values are drawn densely, put into the pool by
 hand through a shuffled block table, and every query row is checked against ``F.scaled_dot_product_attention``
-over that row's own dense prefix. Bugs guarded: an online softmax that does not rescale its accumulator, a
-tile that reads past a row's limit (or a padded table id), GQA heads paired with the wrong KV head, a whole
-sequence gathered at once, the block offset taken as ``pos // bs``, a write that lands in the wrong slot or
-half-writes a refused call, and bad input that surfaces as a raw torch error."""
+over that row's own dense prefix. Bugs guarded: an online softmax that does not rescale its accumulator (or
+accumulates in bf16), a tile that reads past a row's limit (or a padded table id), GQA heads paired with the wrong
+KV head, a whole sequence gathered at once (or once per row of a prefill chunk), rows of a chunk read through the
+table of its shortest row, short rows that keep reading a long row's tiles, the block offset taken as
+``pos // bs``, a write that lands in the wrong slot or half-writes a refused call, and bad input that surfaces as
+a raw torch error. Times are measured by ``benchmark()`` and reported, never asserted."""
 
 from __future__ import annotations
 
