@@ -42,6 +42,13 @@ def block_hash(prev_hash: int | None, tokens: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def prefix_lookup(bm: BlockManager, tokens: Sequence[int]) -> tuple[list[int], int]:
+    """The cached blocks a request with these known ``tokens`` reuses, and how many of its tokens need no
+    computing. A fully cached request still computes its last token (its logits give the next one)."""
+    cached = bm.match_prefix(tokens)
+    return cached, min(len(cached) * bm.block_size, len(tokens) - 1)
+
+
 @dataclass
 class Block:
     block_id: int
@@ -64,6 +71,7 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.evictions = 0
         self.hash_fn = block_hash  # swappable: notebook 09 runs the engine on a learner's block hash
+        self.lookup_fn = prefix_lookup  # swappable: notebook 09 runs the engine on a learner's prefix lookup
 
     # ---- counts ----
     @property
@@ -112,10 +120,7 @@ class BlockManager:
     def can_admit(self, req: Request, num_new_tokens: int) -> tuple[list[int], int] | None:
         """For a waiting request: (cached blocks it would reuse, tokens they cover), if the pool can also hold
         ``num_new_tokens`` computed after them; else ``None``. Changes nothing."""
-        cached = self.match_prefix(req.tokens)
-        hit = len(cached) * self.block_size
-        if hit >= req.num_tokens:  # fully cached: the last token is computed again (its logits are needed)
-            hit = req.num_tokens - 1
+        cached, hit = self.lookup_fn(self, req.tokens)
         end = min(hit + num_new_tokens, req.num_tokens)
         need = self.blocks_for(end) - len(cached)
         taken_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # free now, taken by the hit

@@ -75,7 +75,7 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self.num_new_tokens(req, budget)
             while True:
                 copies = self.blocks.prepare_write(req, req.num_computed_tokens + n)
                 if copies is not None:
@@ -95,13 +95,13 @@ class Scheduler:
             if fit is None:
                 break
             cached, hit = fit
-            n = min(req.num_tokens - hit, budget)
             self.blocks.admit(req, cached, hit)
+            n = self.num_new_tokens(req, budget)
             copies = self.blocks.prepare_write(req, hit + n)
             if copies is None:  # can_admit counted for this; refuse loudly rather than corrupt the books
                 self.blocks.free(req)
-                raise RuntimeError(f"scheduler: admission of {req.request_id!r} passed can_admit but prepare_write "
-                                   f"failed; this is a bug in kvcourse.serve")
+                raise RuntimeError(f"scheduler: {req.request_id!r} was admitted for at most {budget} new tokens, but "
+                                   f"num_new_tokens gave {n} and the pool cannot hold them")
             self.waiting.popleft()
             if req.num_preemptions == 0 and not req.output:
                 req.num_cached_tokens = hit
@@ -112,6 +112,11 @@ class Scheduler:
             batch.admitted.append(req)
             budget -= n
         return batch
+
+    def num_new_tokens(self, req: Request, budget: int) -> int:
+        """How many of ``req``'s known tokens to compute this step: all that are left (1 when decoding), but no
+        more than the token budget left: a long prompt is prefilled in chunks (Sarathi-Serve)."""
+        return min(req.num_tokens - req.num_computed_tokens, budget)
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
         """Free ``req``'s blocks and put it at the front of the queue; its known tokens are kept."""
