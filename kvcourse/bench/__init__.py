@@ -28,7 +28,8 @@ The parts, each readable on its own (its docstring derives what it computes):
 The serving benchmark (issue 23), ``python -m kvcourse.bench.serve [--quick]`` or ``python -m kvcourse.bench
 --serve``: ``serve_workload.py`` (the seeded workload), ``serve_systems.py`` (static batching, ``transformers``
 continuous batching, the course engine), ``serve_report.py`` (figures, tables, targets, the sweep plot),
-``serve.py`` (the run and its options); results in docs/bench/serve.md.
+``serve.py`` (the run and its options; not imported here, so that ``python -m kvcourse.bench.serve`` runs it
+cleanly); results in docs/bench/serve.md.
 
 Outputs in ``--out`` (default ``bench-out/``): ``bench.json`` (every figure, raw times, environment),
 ``bench.md`` (the tables, also printed), ``time_per_token.png``, ``cache_update.png`` and, with
@@ -46,7 +47,6 @@ from . import (
     plan,
     plots,
     report,
-    serve,
     serve_report,
     serve_systems,
     serve_workload,
@@ -95,7 +95,7 @@ __all__ = [
     "load_average", "load_models", "main", "make_plan", "make_runners", "markdown", "measure", "memory_bound",
     "method_figures", "methods", "over_rounds", "parse_args", "parse_model_spec", "plan", "plot_cache",
     "plot_steps", "plot_sweep", "plots", "positive", "prompt_ids", "random_llama", "report", "row_line",
-    "row_notes", "run", "run_case", "serve", "serve_report", "serve_systems", "serve_workload", "step_bytes",
+    "row_notes", "run", "run_case", "serve_report", "serve_systems", "serve_workload", "step_bytes",
     "summary_table", "sweep", "sweep_text", "targets", "timed",
     "timed_call", "unavailable_row", "weight_bytes_per_token",
 ]

@@ -56,11 +56,14 @@ from .serve_systems import (
 from .serve_workload import Workload, WorkloadSpec, make_workload, text_tokens
 
 PRESETS: dict[str, dict] = {
+    # static_course (kvcourse.generate) runs on the bundled model only unless --systems names it: on the 30-layer
+    # SmolLM2-135M shape it took 186 s of a loaded 2-core machine, for the same batches as static_hf
     "full": {"models": ["bundled", "SmolLM2-135M"], "num_requests": 96, "num_blocks": 128,
-             "systems": list(SYSTEMS), "budgets": [32, 64, 128, 256, 512], "overhead": [(1, 128), (8, 128), (32, 128)],
-             "overhead_steps": 20, "check_big": 24},
+             "systems": list(SYSTEMS), "budgets": [32, 64, 128, 256, 512], "budgets_big": [32, 128, 512],
+             "overhead": [(1, 128), (8, 128), (32, 128)], "overhead_steps": 20, "check_big": 24},
     "quick": {"models": ["bundled", "SmolLM2-135M:2"], "num_requests": 16, "num_blocks": 40,
-              "systems": ["static_hf", "hf_cb", "engine"], "budgets": [32, 256], "overhead": [(8, 64)],
+              "systems": ["static_hf", "hf_cb", "engine"], "budgets": [32, 256], "budgets_big": [32, 256],
+              "overhead": [(8, 64)],
               "overhead_steps": 5, "check_big": 16},
 }
 
@@ -78,6 +81,9 @@ class ServePlan:
     seed: int = 0
     preset: str = "full"
     hf_variants: bool = False
+    hf_defaults: bool = False
+    budgets_big: list[int] | None = None  # the sweep on random-weight shapes (None: as budgets)
+    course_static_big: bool = False  # static_course on random-weight shapes too
     extra: dict = field(default_factory=dict)
 
 
@@ -189,10 +195,11 @@ def run_model(spec_name: str, plan: ServePlan, tokenizer, say=print) -> dict:
         f"blocks x {plan.budget.block_size} = {plan.budget.kv_tokens} tokens")
     # warm-up: every system once on a small workload of the same kind (first calls allocate, load kernels)
     warm = make_workload(replace(plan.spec, num_requests=4, seed=plan.spec.seed + 1000), tokenizer)
-    for name in plan.systems:
+    for name in [s for s in plan.systems if model.name == "bundled" or s != "static_course" or plan.course_static_big]:
         run_system(name, hf, llama, warm, plan.budget)
+    systems = [s for s in plan.systems if model.name == "bundled" or s != "static_course" or plan.course_static_big]
     results: dict[str, SystemResult] = {}
-    for name in plan.systems:
+    for name in systems:
         t = time.perf_counter()
         results[name] = run_system(name, hf, llama, workload, plan.budget)
         say(f"  {SYSTEMS[name]}: done in {time.perf_counter() - t:.1f} s")
@@ -202,6 +209,20 @@ def run_model(spec_name: str, plan: ServePlan, tokenizer, say=print) -> dict:
             r = run_hf_cb(hf, workload, plan.budget, **kw)
             r.name = label
             results[label] = r
+    hf_defaults = None
+    if plan.hf_defaults:
+        from .serve_systems import hf_cb_config, hf_cb_setup_cost
+
+        prompts = [r.prompt for r in workload.requests[:16]]
+        hf_defaults = {"requests": len(prompts), "max_new_tokens": 32,
+                       "defaults": hf_cb_setup_cost(hf, prompts, 32),
+                       "budget": hf_cb_setup_cost(hf, prompts, 32, hf_cb_config(plan.budget))}
+        for key in ("defaults", "budget"):
+            d = hf_defaults[key]
+            say(f"  transformers continuous batching, {key}: set-up {d['setup_s']:.2f} s, generation "
+                f"{d['generation_s']:.2f} s ({d['forwards']} forwards, {d['forward_s']:.2f} s in them); "
+                f"{d['num_blocks']} blocks, max_batch_tokens {d['max_batch_tokens']}, mask {d['mask_shapes']} = "
+                f"{d['mask_bytes'] / 2**30:.2f} GiB")
     # the oracle: every request (bundled), or a seeded sample (random-weight shapes: the reference is slow)
     ids = [r.request_id for r in workload.requests]
     if model.name != "bundled" and plan.check_big < len(ids):
@@ -227,7 +248,8 @@ def run_model(spec_name: str, plan: ServePlan, tokenizer, say=print) -> dict:
     if overhead:
         say(overhead_table(overhead))
     sweep = []
-    for budget in plan.budgets:
+    budgets = plan.budgets if model.name == "bundled" or plan.budgets_big is None else plan.budgets_big
+    for budget in budgets:
         res = run_engine(hf, workload, replace(plan.budget, max_num_batched_tokens=budget))
         f = figures(res)
         sweep.append({"budget": budget, **{k: f[k] for k in ("tokens_per_s", "ttft_p50", "ttft_p95", "itl_p50",
@@ -242,7 +264,7 @@ def run_model(spec_name: str, plan: ServePlan, tokenizer, say=print) -> dict:
     return {"model": model.name, "note": model.note, "workload": wstats, "rows": rows, "checks": checks,
             "mismatches": mismatches, "checked": len(ref),
             "engine_concurrency": concurrency(results["engine"].history) if "engine" in results else None,
-            "overhead": overhead, "sweep": sweep, "targets": tgt,
+            "overhead": overhead, "sweep": sweep, "targets": tgt, "hf_defaults": hf_defaults,
             "per_request": {name: {rid: asdict(rec) for rid, rec in res.records.items()} for name, res in
                             results.items()}}
 
@@ -297,6 +319,18 @@ def markdown(report: dict) -> str:
                       overhead_table(m["overhead"]), ""]
         if m["sweep"]:
             lines += ["Chunked-prefill sweep (the engine, same workload):", "", sweep_table(m["sweep"]), ""]
+        d = m.get("hf_defaults")
+        if d:
+            lines += [f"transformers continuous batching on the first {d['requests']} requests x {d['max_new_tokens']} "
+                      f"tokens, all at once:", "",
+                      "| config | set-up (s) | generation (s) | forwards | in forwards (s) | blocks | max_batch_tokens "
+                      "| attention mask | mask GiB |", "|---|---|---|---|---|---|---|---|---|"]
+            for key in ("defaults", "budget"):
+                x = d[key]
+                lines.append(f"| {key} | {x['setup_s']:.2f} | {x['generation_s']:.2f} | {x['forwards']} | "
+                             f"{x['forward_s']:.2f} | {x['num_blocks']} | {x['max_batch_tokens']} | "
+                             f"{x['mask_shapes']} | {x['mask_bytes'] / 2**30:.3f} |")
+            lines.append("")
         lines += ["Targets:", ""] + [f"- {t}" for t in m["targets"]] + [""]
     return "\n".join(lines)
 
@@ -344,6 +378,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requests checked against the single-prompt reference on random-weight shapes")
     p.add_argument("--hf-variants", action="store_true",
                    help="also run transformers continuous batching with paged|eager attention and prefill_first")
+    p.add_argument("--hf-defaults", action="store_true",
+                   help="also time transformers continuous batching with its default ContinuousBatchingConfig "
+                        "(set-up apart from generation) on 16 requests x 32 tokens: on a CPU it sizes its cache and "
+                        "a float mask from the machine's RAM (about 60%% of it: over 12 GiB here) and takes tens of "
+                        "seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
@@ -381,7 +420,9 @@ def make_plan(args: argparse.Namespace) -> ServePlan:
                      budgets=pre["budgets"] if args.budgets is None else args.budgets, overhead=overhead,
                      overhead_steps=pick(args.overhead_steps, pre["overhead_steps"]),
                      check_big=pick(args.check_big, pre["check_big"]), seed=args.seed, preset=name,
-                     hf_variants=args.hf_variants)
+                     hf_variants=args.hf_variants, hf_defaults=args.hf_defaults,
+                     budgets_big=pre["budgets_big"] if args.budgets is None else args.budgets,
+                     course_static_big=args.systems is not None and "static_course" in args.systems)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -340,3 +340,58 @@ def token_mismatches(result: SystemResult, ref: dict[str, list[int]]) -> list[di
             bad.append({"request_id": rid, "first_diff": k, "expected": want[k:k + 3], "got": got[k:k + 3],
                         "len_expected": len(want), "len_got": len(got)})
     return bad
+
+
+# ---- why transformers' continuous batching is slow here with its defaults ----------------------------------
+
+def hf_cb_setup_cost(hf, prompts: list[list[int]], max_new_tokens: int, cb_config=None) -> dict:
+    """``transformers``' continuous batching on ``prompts`` (all at once, as ``generate_batch`` sends them), its
+    set-up (cache and static tensors, ``manager.warmup()``) timed apart from the generation, with the sizes
+    it chose: cache blocks, ``max_batch_tokens``, the float attention mask's shape and bytes, the forward
+    passes and their time. ``cb_config=None``: its defaults (sized from the machine's RAM on a CPU)."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1,
+                          pad_token_id=hf.generation_config.pad_token_id or 0)
+    fwd = {"n": 0, "s": 0.0}
+    original_forward = hf.forward
+
+    def counted(*args, **kwargs):
+        t = time.perf_counter()
+        out = original_forward(*args, **kwargs)
+        fwd["n"] += 1
+        fwd["s"] += time.perf_counter() - t
+        return out
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        manager = hf.init_continuous_batching(generation_config=gc,
+                                              continuous_batching_config=cb_config or ContinuousBatchingConfig())
+        manager.warmup()
+        setup = time.perf_counter() - t0
+        bp = manager.batch_processor
+        masks = bp.inputs_and_outputs.attention_mask or {}
+        sizes = {"num_blocks": bp.cache.num_blocks, "max_batch_tokens": bp.cache.max_batch_tokens,
+                 "cache_bytes": bp.cache.cache_tensor.numel(),
+                 "mask_shapes": {k: list(v.shape) for k, v in masks.items()},
+                 "mask_bytes": sum(v.numel() * v.element_size() for v in masks.values()),
+                 "max_requests_per_batch": bp.max_requests_per_batch if hasattr(bp, "max_requests_per_batch")
+                 else None}
+        hf.forward = counted
+        try:
+            t1 = time.perf_counter()
+            manager.start()
+            manager.add_requests(prompts, max_new_tokens=max_new_tokens)
+            done = 0
+            while done < len(prompts):
+                out = manager.get_result(timeout=5)
+                if out is None and not manager.is_running():
+                    break
+                done += out is not None and out.is_finished()
+            generation = time.perf_counter() - t1
+            manager.stop(block=True, timeout=30)
+        finally:
+            del hf.forward  # the instance attribute; the class's forward again
+    return {"setup_s": setup, "generation_s": generation, "forwards": fwd["n"], "forward_s": fwd["s"],
+            "tokens": len(prompts) * max_new_tokens, **sizes}
