@@ -92,6 +92,12 @@ def test_ragged_rows_equal_sdpa_over_their_own_prefix(func, blocks_per_tile, see
     torch.testing.assert_close(out, oracle(step, dk, dv), atol=1e-5, rtol=0)
 
 
+def test_engine_sized_step_within_fp32_rounding():
+    """The engine's sizes: bs 16, contexts up to 300, a 40-row chunk beside decode rows, the default tile."""
+    step, dk, dv = ragged_step(19, [(300, 1), (17, 1), (256, 1), (120, 40), (16, 1), (33, 1)], bs=16)
+    torch.testing.assert_close(paged_attention(**step), oracle(step, dk, dv), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("func", FUNCS)
 @pytest.mark.parametrize("heads,kv", [(6, 2), (4, 4), (4, 1)], ids=["gqa", "mha", "mqa"])
 @pytest.mark.parametrize("blocks_per_tile", [1, 3])
