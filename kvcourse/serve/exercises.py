@@ -210,16 +210,15 @@ def attention_variant(case: dict, *, rescale_acc: bool = True, rescale_sum: bool
     rows = tbl[seq].clamp(min=0)  # (T, M)
     m = torch.full((t, kv, g), float("-inf"))
     lsum, acc = torch.zeros(t, kv, g), torch.zeros(t, kv, g, d)
-    for c in range(-(-int(lim.max() + max(causal_shift, 0)) // bs)):
-        c = min(c, rows.shape[1] - 1)
+    for c in range(-(-int(lim.max()) // bs)):  # the columns the longest row reaches, as the answer walks them
         k, v = kp[rows[:, c]], vp[rows[:, c]]  # (T, KV, bs, D)
         s = (qg @ k.transpose(-1, -2)) * scale  # (T, KV, G, bs)
         pos = c * bs + torch.arange(bs)
         hide = pos != (lim[:, None] - 1) if self_only else pos >= lim[:, None] + causal_shift
         s = s.masked_fill(hide[:, None, None, :], float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))
-        alpha = torch.exp(m - m_new).nan_to_num(0.0)
-        p = torch.exp(s - m_new[..., None]).nan_to_num(0.0)
+        alpha = torch.exp(m - m_new)  # NaN where a row's blocks so far were all masked, as the answer's would be
+        p = torch.exp(s - m_new[..., None])
         lsum = (lsum * alpha if rescale_sum else lsum) + p.sum(-1)
         acc = (acc * alpha[..., None] if rescale_acc else acc) + p @ v
         m = m_new
@@ -246,7 +245,7 @@ def attention_hint(got: torch.Tensor, case: dict) -> str:
                          ({"gqa": "modulo"}, "query head h reads KV head h // (H // KV): view q as (T, KV, H // KV, D)"),
                          ({"self_only": True}, "each row must attend to every earlier key of its sequence, not only "
                           "its own")]:
-        if torch.allclose(got, attention_variant(case, **kwargs), atol=1e-4, rtol=1e-4):
+        if torch.allclose(got, attention_variant(case, **kwargs), atol=1e-4, rtol=1e-4, equal_nan=True):
             return hint
     return ""
 
