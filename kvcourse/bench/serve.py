@@ -99,24 +99,19 @@ def _prompts(tokens: list[int], batch: int, context: int) -> list[list[int]]:
 def step_overhead(hf, tokens: list[int], batch: int, context: int, steps: int, warm: int = 3) -> dict:
     """Median seconds of one engine step at a steady batch of ``batch`` decoding requests of context ``context``,
     and of one fast-path decode step (``StaticGenerator``, ``DynamicGenerator``) at the same batch and context.
-    Each timed step includes picking the next tokens (argmax), as the engine's step does."""
+    Each timed step includes picking the next tokens (argmax), as the engine's step does. The three are timed
+    in turn, one step each per round, so that a change of load on a shared machine hits all three alike."""
     from ..fast import DynamicGenerator, StaticGenerator
     from ..serve import Engine, Request
 
     prompts = _prompts(tokens, batch, context)
     ids = torch.tensor(prompts, dtype=torch.long)  # (B, context)
-    out = {"batch": batch, "context": context, "steps": steps}
+    gens, toks = {}, {}
     for name, cls in (("static", StaticGenerator), ("dynamic", DynamicGenerator)):
         gen = cls(hf, max_seq_len=context + warm + steps + 2)
         gen.setup_caches(batch, context + warm + steps + 2)
-        tok = gen._begin(ids, None, warm + steps + 1).argmax(dim=-1, keepdim=True)  # (B, 1)
-        times = []
-        for i in range(warm + steps):
-            t = time.perf_counter()
-            tok = gen.decode_one_token(tok).argmax(dim=-1, keepdim=True)
-            if i >= warm:
-                times.append(time.perf_counter() - t)
-        out[f"{name}_s"] = _median(times)
+        toks[name] = gen._begin(ids, None, warm + steps + 1).argmax(dim=-1, keepdim=True)  # (B, 1)
+        gens[name] = gen
     bs = 16
     need = batch * math.ceil((context + warm + steps + 8) / bs)
     eng = Engine(hf, num_blocks=need + batch, block_size=bs, max_num_batched_tokens=max(256, batch * context),
@@ -128,17 +123,24 @@ def step_overhead(hf, tokens: list[int], batch: int, context: int, steps: int, w
         h = eng.stats.history[-1]
         if h.prefill_tokens == 0 and h.decode_tokens == batch:
             break
-    times, steady = [], True
+    times: dict[str, list[float]] = {"static": [], "dynamic": [], "engine": []}
+    steady = True
     for i in range(warm + steps):
+        for name, gen in gens.items():
+            t = time.perf_counter()
+            toks[name] = gen.decode_one_token(toks[name]).argmax(dim=-1, keepdim=True)
+            dt = time.perf_counter() - t
+            if i >= warm:
+                times[name].append(dt)
         t = time.perf_counter()
         eng.step()
         dt = time.perf_counter() - t
         h = eng.stats.history[-1]
         steady &= h.decode_tokens == batch and h.prefill_tokens == 0
         if i >= warm:
-            times.append(dt)
-    out["engine_s"] = _median(times)
-    out["steady"] = steady
+            times["engine"].append(dt)
+    out = {"batch": batch, "context": context, "steps": steps, "steady": steady,
+           **{f"{k}_s": _median(v) for k, v in times.items()}}
     out["ratio_static"] = out["engine_s"] / out["static_s"] if out["static_s"] else None
     out["ratio_dynamic"] = out["engine_s"] / out["dynamic_s"] if out["dynamic_s"] else None
     return out
@@ -365,7 +367,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=None, help="bundled, SmolLM2-135M, NAME:LAYERS")
     p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=None)
     p.add_argument("--num-requests", type=int, default=None)
-    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default 40)")
+    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default 100)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV budget in blocks of --block-size tokens")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=256, help="token budget per step (chunked prefill)")
