@@ -40,7 +40,7 @@ import kvcourse
 
 PACKAGE = Path(kvcourse.__file__).resolve().parent
 MODULES = ("batching", "window", "quant", "paged", "fast", "cache", "grading", "generate", "llama", "memory",
-           "models", "shapes", "checks", "timing", "devices", "instructor", "cli", "plots")
+           "models", "shapes", "checks", "timing", "devices", "instructor", "cli", "plots", "serve")
 V = 64  # vocab of the tiny models
 
 
@@ -848,6 +848,159 @@ probe("plots.show_table", "rows that are not dicts", call(lambda: quiet(mod("plo
 
 
 # Public names that take no input to probe, each with the reason.
+# -- serve (the engine of notebook 09) -----------------------------------------------------------------------
+def engine(num_blocks: int = 8, block_size: int = 4):
+    return mod("serve").Engine(hf(), num_blocks=num_blocks, block_size=block_size)
+
+
+def sreq(rid: str = "r", prompt=(1, 2, 3, 4, 5), n: int = 3, **kw):
+    return mod("serve").Request(rid, list(prompt), n, **kw)
+
+
+def bman(num_blocks: int = 8, block_size: int = 4):
+    return mod("serve").BlockManager(num_blocks, block_size)
+
+
+def admitted(tokens=(1, 2, 3, 4, 5, 6, 7, 8, 9)):
+    """A block manager holding one request whose tokens are all computed and named."""
+    bm, r = bman(), sreq(prompt=tokens)
+    bm.admit(r, [], 0)
+    bm.prepare_write(r, len(tokens))
+    r.num_computed_tokens = len(tokens)
+    bm.register_full_blocks(r)
+    return bm, r
+
+
+def sched():
+    return mod("serve").Scheduler(bman(), max_num_batched_tokens=16)
+
+
+def ragged(t: int = 3, h: int = 4, kvh: int = 2, d: int = 8, n: int = 6, bs: int = 4):
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(t, h, d, generator=g)
+    kp, vp = torch.randn(n, kvh, bs, d, generator=g), torch.randn(n, kvh, bs, d, generator=g)
+    tables = torch.tensor([[0, 1], [2, 3]])
+    return q, kp, vp, tables, torch.tensor([0, 0, 1][:t]), torch.tensor([5, 6, 2][:t])
+
+
+probe("serve.Engine", "float block_size", call(lambda: mod("serve").Engine(hf(), num_blocks=4, block_size=2.5)),
+      names=("block_size", "2.5"))
+probe("serve.Engine", "a GPT-2", call(lambda: mod("serve").Engine(gpt2(), num_blocks=4)), names=("GPT2",))
+probe("serve.Engine.add_request", "token id >= vocab", on(engine, "add_request", request_id="v", prompt=[1, V],
+                                                       max_new_tokens=2), names=("'v'", str(V), f"0..{V - 1}"))
+probe("serve.Engine.add_request", "longer than the KV budget", on(engine, "add_request", request_id="big",
+                                                               prompt=list(range(1, 31)), max_new_tokens=4),
+      names=("'big'", "33", "32"))
+probe("serve.Engine.add_request", "not a Request", on(engine, "add_request", [1, 2, 3]), names=("Request", "list"))
+probe("serve.Engine.has_unfinished", "fresh engine", on(engine, "has_unfinished"), result=lambda r: r is False)
+probe("serve.Engine.now", "fresh engine", on(engine, "now"), result=lambda r: isinstance(r, float) and r >= 0)
+probe("serve.Engine.run", "negative arrival", on(engine, "run", [sreq()], arrivals=[-1.0]), names=("-1.0",))
+probe("serve.Engine.run", "arrivals of another length", on(engine, "run", [sreq()], arrivals=[0.0, 0.0]),
+      names=("1 requests", "2 arrival"))
+probe("serve.Engine.step", "nothing to do", on(engine, "step"), result=lambda r: r == [])
+probe("serve.EngineStats", "fresh", call(lambda: mod("serve").EngineStats()), result=lambda r: r.steps == 0)
+probe("serve.EngineStats.prefix_hit_rate", "no prompt yet", call(lambda: mod("serve").EngineStats().prefix_hit_rate),
+      result=lambda r: r == 0.0)
+probe("serve.StepRecord", "one step", call(lambda: engine().step() or mod("serve").StepRecord(1, 0.0, 0, 0, 8, 0, 0, 0,
+                                                                                             0, [], [])),
+      result=lambda r: r.num_free_blocks == 8)
+probe("serve.Request", "float max_new_tokens, refused by check", call(lambda: sreq(n=2.5).check(V, 64)),
+      names=("'r'", "max_new_tokens", "2.5"))
+probe("serve.RequestError", "a duplicate id", lambda: (lambda e: ((lambda: e.add_request(sreq())), (e,)))(
+    (lambda e: (e.add_request(sreq()), e)[1])(engine())), names=("'r'", "already used"))
+probe("serve.Request.check", "2-D prompt", call(lambda: mod("serve").Request("r", torch.ones(2, 3, dtype=torch.long),
+                                                                             2).check(V, 64)), names=("(2, 3)",))
+probe("serve.Request.check", "eos id outside the vocabulary", call(lambda: sreq(eos_token_id=V).check(V, 64)),
+      names=("'r'", str(V)))
+probe("serve.Request.is_prefill", "nothing computed", call(lambda: sreq().is_prefill), result=lambda r: r is True)
+probe("serve.Request.max_len", "5 + 3 - 1", call(lambda: sreq().max_len), result=lambda r: r == 7)
+probe("serve.Request.num_tokens", "prompt of 5", call(lambda: sreq().num_tokens), result=lambda r: r == 5)
+probe("serve.Request.tokens", "prompt then output", call(lambda: (lambda r: (r.output.append(9), r.tokens)[1])(sreq())),
+      result=lambda r: r == [1, 2, 3, 4, 5, 9])
+probe("serve.RequestOutput", "built by hand", call(lambda: mod("serve").RequestOutput("r", [1], [2], 0.0, 0.1, [0.1],
+                                                                                      0.1, "length")),
+      result=lambda r: r.ttft == 0.1)
+probe("serve.RequestOutput.from_request", "never ran", call(lambda: mod("serve").RequestOutput.from_request(sreq())),
+      result=lambda r: r.tokens == [] and r.ttft is None)
+probe("serve.RequestOutput.inter_token_times", "one token", call(lambda: mod("serve").RequestOutput(
+    "r", [1], [2], 0.0, 0.1, [0.1], 0.1, "length").inter_token_times), result=lambda r: r == [])
+probe("serve.RequestOutput.ttft", "no token yet", call(lambda: mod("serve").RequestOutput(
+    "r", [1], [], 0.0, None, [], None, "error").ttft), result=lambda r: r is None)
+probe("serve.SamplingParams", "negative temperature", call(lambda: mod("serve").SamplingParams(temperature=-1.0)),
+      names=("temperature", "-1.0"))
+probe("serve.SamplingParams", "top_p 0", call(lambda: mod("serve").SamplingParams(temperature=1.0, top_p=0.0)),
+      names=("top_p", "0.0"))
+probe("serve.SamplingParams.greedy", "temperature 0", call(lambda: mod("serve").SamplingParams().greedy),
+      result=lambda r: r is True)
+probe("serve.ScheduledBatch", "empty", call(lambda: bool(mod("serve").ScheduledBatch())), result=lambda r: r is False)
+probe("serve.ScheduledBatch.num_tokens", "empty", call(lambda: mod("serve").ScheduledBatch().num_tokens),
+      result=lambda r: r == 0)
+probe("serve.Scheduler", "max_num_seqs 0", call(lambda: mod("serve").Scheduler(bman(), 16, 0)),
+      names=("max_num_seqs", "0"))
+probe("serve.Scheduler.add", "not a Request", on(sched, "add", "r"), names=("Request", "str"))
+probe("serve.Scheduler.add", "added twice", lambda: (lambda s, r: ((lambda: s.add(r)), (s,)))(
+    *(lambda s, r: (s.add(r), (s, r))[1])(sched(), sreq())), names=("'r'", "queued already"))
+probe("serve.Scheduler.finish", "a request that is not running", on(sched, "finish", sreq()),
+      names=("'r'", "not running"))
+probe("serve.Scheduler.has_unfinished", "fresh", on(sched, "has_unfinished"), result=lambda r: r is False)
+probe("serve.Scheduler.num_new_tokens", "budget 0", on(sched, "num_new_tokens", sreq(), 0), names=("budget", "0"))
+probe("serve.Scheduler.schedule", "nothing queued", on(sched, "schedule"), result=lambda r: not r and r.num_tokens == 0)
+probe("serve.BlockManager", "float num_blocks", call(lambda: mod("serve").BlockManager(2.5, 4)),
+      names=("num_blocks", "2.5"))
+probe("serve.BlockManager.blocks_for", "negative count", on(bman, "blocks_for", -1), names=("num_tokens", "-1"))
+probe("serve.BlockManager.blocks_for", "9 tokens in blocks of 4", on(bman, "blocks_for", 9), result=lambda r: r == 3)
+probe("serve.BlockManager.num_free_blocks", "fresh", call(lambda: bman().num_free_blocks), result=lambda r: r == 8)
+probe("serve.BlockManager.num_used_blocks", "one request of 9 tokens", call(lambda: admitted()[0].num_used_blocks),
+      result=lambda r: r == 3)
+probe("serve.BlockManager.match_prefix", "a float token", on(bman, "match_prefix", [1.0, 2.0]),
+      names=("int token ids",))
+probe("serve.BlockManager.match_prefix", "two full blocks cached",
+      lambda: (lambda bm, r: ((lambda: bm.match_prefix([1, 2, 3, 4, 5, 6, 7, 8, 0])), (bm,)))(*admitted()),
+      result=lambda r: len(r) == 2)
+probe("serve.BlockManager.register_full_blocks", "a table from another pool",
+      lambda: (lambda bm, r: ((lambda: bman(num_blocks=2).register_full_blocks(r)), (bm, r)))(*admitted()),
+      names=("'r'", "2 blocks"))
+probe("serve.BlockManager.can_admit", "a request that holds blocks",
+      lambda: (lambda bm, r: ((lambda: bm.can_admit(r, 4)), (bm, r)))(*admitted()), names=("'r'", "already holds"))
+probe("serve.BlockManager.can_admit", "0 new tokens", on(bman, "can_admit", sreq(), 0), names=("num_new_tokens", "0"))
+probe("serve.BlockManager.admit", "a block that is not cached", on(bman, "admit", sreq(), [5], 4), names=("[5]",))
+probe("serve.BlockManager.admit", "a hit past the cached blocks",
+      lambda: (lambda bm, r: (lambda r2: ((lambda: bm.admit(r2, bm.match_prefix(r2.tokens), 9)), (bm, r2)))(
+          sreq("r2", prompt=r.tokens)))(*admitted()), names=("hit", "9", "0..8"))
+probe("serve.BlockManager.prepare_write", "end before the computed tokens",
+      lambda: (lambda bm, r: ((lambda: bm.prepare_write(r, 3)), (bm, r)))(*admitted()), names=("'r'", "9..9", "3"))
+probe("serve.BlockManager.free", "freed twice by a stale table",
+      lambda: (lambda bm, r: (lambda t: (bm.free(r), setattr(r, "block_table", t),
+                                         ((lambda: bm.free(r)), (bm,)))[2])(list(r.block_table)))(*admitted()),
+      names=("'r'", "freed already"))
+probe("serve.block_hash", "negative token id", call(lambda: mod("serve").block_hash(None, [1, -2])), names=("-2",))
+probe("serve.block_hash", "a float prev_hash", call(lambda: mod("serve").block_hash(1.5, [1, 2])),
+      names=("prev_hash", "1.5"))
+probe("serve.prefix_lookup", "empty tokens", call(lambda: mod("serve").prefix_lookup(bman(), [])), names=("empty",))
+probe("serve.prefix_lookup", "fully cached: the last token is computed",
+      lambda: (lambda bm, r: ((lambda: mod("serve").prefix_lookup(bm, [1, 2, 3, 4, 5, 6, 7, 8])), (bm,)))(*admitted()),
+      result=lambda r: len(r[0]) == 2 and r[1] == 7)
+probe("serve.slot_mapping", "position past the table", call(lambda: mod("serve").slot_mapping(
+    torch.tensor([9]), torch.tensor([[0, 1]]), torch.tensor([0]), 4)), names=("9", "0..7"))
+probe("serve.slot_mapping", "position 5 in blocks of 4", call(lambda: mod("serve").slot_mapping(
+    torch.tensor([5]), torch.tensor([[3, 1]]), torch.tensor([0]), 4)), result=lambda r: r.tolist() == [5])
+probe("serve.write_kv", "block_size other than the pool's", lambda: (lambda q, kp, vp, *_: (
+    (lambda: mod("serve").write_kv(kp, vp, torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), torch.tensor([0]), 3)),
+    (kp, vp)))(*ragged()), names=("3", "(6, 2, 4, 8)"))
+probe("serve.paged_attention", "limit past the table", lambda: (lambda q, kp, vp, tb, si, lim: (
+    (lambda: mod("serve").paged_attention(q, kp, vp, tb, si, torch.tensor([5, 9, 2]), 0.35)), (kp, vp)))(*ragged()),
+      names=("9", "8"))
+probe("serve.paged_attention", "heads not a multiple of the KV heads", lambda: (lambda q, kp, vp, tb, si, lim: (
+    (lambda: mod("serve").paged_attention(q[:, :3], kp, vp, tb, si, lim, 0.35)), (kp, vp)))(*ragged()),
+      names=("H=3", "KV=2"))
+probe("serve.gather_attention", "limit 0", lambda: (lambda q, kp, vp, tb, si, lim: (
+    (lambda: mod("serve").gather_attention(q, kp, vp, tb, si, torch.tensor([0, 6, 2]), 0.35)), (kp, vp)))(*ragged()),
+      names=(">= 1", "0"))
+probe("serve.attention_bytes", "negative context", call(lambda: mod("serve").attention_bytes([4, -1], 2, 8,
+                                                                                          torch.float32, 4)),
+      names=("-1",))
+
+
 EXEMPT = {
     "models.BUNDLED_MODEL": "a Path constant",
     "shapes.SHAPES": "a dict constant (get_shape is its checked lookup)",

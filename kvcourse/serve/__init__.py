@@ -18,10 +18,12 @@ Agrawal et al. 2024, "Sarathi-Serve" (OSDI; arXiv:2403.02310: chunked prefill); 
 
 from __future__ import annotations
 
-from .block_manager import BlockManager, block_hash
-from .engine import Engine, EngineStats
+from .attention import attention_bytes, gather_attention, paged_attention, slot_mapping, write_kv
+from .block_manager import BlockManager, block_hash, prefix_lookup
+from .engine import Engine, EngineStats, StepRecord
 from .request import Request, RequestError, RequestOutput, SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 
 __all__ = ["BlockManager", "Engine", "EngineStats", "Request", "RequestError", "RequestOutput", "SamplingParams",
-           "ScheduledBatch", "Scheduler", "block_hash"]
+           "ScheduledBatch", "Scheduler", "StepRecord", "attention_bytes", "block_hash", "gather_attention",
+           "paged_attention", "prefix_lookup", "slot_mapping", "write_kv"]

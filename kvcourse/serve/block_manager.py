@@ -36,15 +36,40 @@ def block_hash(prev_hash: int | None, tokens: Sequence[int]) -> int:
     ``prev_hash`` is ``None`` for a request's first block. Equal tokens after a different prefix give a
     different name, so a lookup can only match a whole leading run of blocks.
     """
+    if prev_hash is not None and (isinstance(prev_hash, bool) or not isinstance(prev_hash, int)
+                                  or not 0 <= prev_hash < 2**64):
+        raise ValueError(f"block_hash: prev_hash must be None (the first block) or a previous block's hash, an int "
+                         f"in 0..2**64-1, got {prev_hash!r}")
+    tokens = _token_list(tokens, "block_hash")
     h = hashlib.blake2b(digest_size=8)
-    h.update(b"root" if prev_hash is None else int(prev_hash).to_bytes(8, "little", signed=False))
-    h.update(b"".join(int(t).to_bytes(4, "little", signed=False) for t in tokens))
+    h.update(b"root" if prev_hash is None else prev_hash.to_bytes(8, "little"))
+    h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
     return int.from_bytes(h.digest(), "little")
+
+
+def _token_list(tokens, who: str) -> list[int]:
+    """``tokens`` as a list of int ids >= 0 (a list, tuple or 1-D integer tensor), or a ValueError naming them."""
+    if hasattr(tokens, "tolist") and hasattr(tokens, "dim"):
+        if tokens.dim() != 1 or tokens.is_floating_point():
+            raise ValueError(f"{who}: tokens must be a 1-D sequence of int token ids, got a {tuple(tokens.shape)} "
+                             f"{tokens.dtype} tensor")
+        tokens = tokens.tolist()
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ValueError(f"{who}: tokens must be a list of int token ids, got {type(tokens).__name__} "
+                         f"{str(tokens)[:60]}")
+    bad = [t for t in tokens if not 0 <= t < 2**32]
+    if bad:
+        raise ValueError(f"{who}: token ids must be in 0..2**32-1, got {bad[:5]}")
+    return list(tokens)
 
 
 def prefix_lookup(bm: BlockManager, tokens: Sequence[int]) -> tuple[list[int], int]:
     """The cached blocks a request with these known ``tokens`` reuses, and how many of its tokens need no
     computing. A fully cached request still computes its last token (its logits give the next one)."""
+    if not isinstance(bm, BlockManager):
+        raise TypeError(f"prefix_lookup takes a BlockManager, got {type(bm).__name__}")
+    if len(tokens) == 0:
+        raise ValueError("prefix_lookup: tokens is empty; a request has at least one token")
     cached = bm.match_prefix(tokens)
     return cached, min(len(cached) * bm.block_size, len(tokens) - 1)
 
@@ -84,11 +109,25 @@ class BlockManager:
         return self.num_blocks - self.num_free_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that ``num_tokens`` tokens fill: ceil(num_tokens / block_size)."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"blocks_for: num_tokens must be an int >= 0, got {num_tokens!r}")
         return -(-num_tokens // self.block_size)
+
+    def _check_request(self, req, who: str) -> None:
+        if not isinstance(req, Request):
+            raise TypeError(f"BlockManager.{who} takes a kvcourse.serve.Request, got {type(req).__name__}")
+        held = [b for b in req.block_table if not (isinstance(b, int) and 0 <= b < self.num_blocks)
+                or self.blocks[b].ref_count < 1]
+        if held:
+            raise ValueError(f"BlockManager.{who}: request {req.request_id!r} lists blocks {held} in its table that "
+                             f"this pool ({self.num_blocks} blocks) does not give it: a table from another pool, or "
+                             f"freed already")
 
     # ---- the prefix cache ----
     def match_prefix(self, tokens: Sequence[int]) -> list[int]:
         """The blocks holding the longest leading run of ``tokens``' full blocks, from the cache."""
+        tokens = _token_list(tokens, "match_prefix")
         if not self.prefix_caching:
             return []
         bs, found, h = self.block_size, [], None
@@ -103,6 +142,11 @@ class BlockManager:
 
     def register_full_blocks(self, req: Request) -> None:
         """Name every block of ``req`` that is now full of computed tokens (``req.block_hashes`` grows)."""
+        self._check_request(req, "register_full_blocks")
+        if req.num_computed_tokens > len(req.block_table) * self.block_size:
+            raise ValueError(f"register_full_blocks: request {req.request_id!r} says {req.num_computed_tokens} tokens "
+                             f"are computed, but its {len(req.block_table)} blocks hold "
+                             f"{len(req.block_table) * self.block_size}")
         if not self.prefix_caching:
             return
         bs, toks = self.block_size, req.tokens
@@ -120,6 +164,12 @@ class BlockManager:
     def can_admit(self, req: Request, num_new_tokens: int) -> tuple[list[int], int] | None:
         """For a waiting request: (cached blocks it would reuse, tokens they cover), if the pool can also hold
         ``num_new_tokens`` computed after them; else ``None``. Changes nothing."""
+        self._check_request(req, "can_admit")
+        if req.block_table:
+            raise ValueError(f"can_admit: request {req.request_id!r} already holds blocks {req.block_table}; only a "
+                             f"waiting request (no blocks) is admitted")
+        if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, int) or num_new_tokens < 1:
+            raise ValueError(f"can_admit: num_new_tokens must be an int >= 1, got {num_new_tokens!r}")
         cached, hit = self.lookup_fn(self, req.tokens)
         end = min(hit + num_new_tokens, req.num_tokens)
         need = self.blocks_for(end) - len(cached)
@@ -131,6 +181,18 @@ class BlockManager:
 
     def admit(self, req: Request, cached: list[int], hit: int) -> None:
         """Give ``req`` the cached blocks (one more reference each); ``req`` starts computing at ``hit``."""
+        self._check_request(req, "admit")
+        if req.block_table:
+            raise ValueError(f"admit: request {req.request_id!r} already holds blocks {req.block_table}")
+        named = [b for b in cached if not (isinstance(b, int) and 0 <= b < self.num_blocks)
+                 or self.blocks[b].hash is None]
+        if named or len(set(cached)) != len(cached):
+            raise ValueError(f"admit: cached must be distinct blocks found in the prefix cache (from can_admit or "
+                             f"match_prefix), got {cached}; not cached: {named}")
+        if isinstance(hit, bool) or not isinstance(hit, int) or not 0 <= hit <= min(len(cached) * self.block_size,
+                                                                                   req.num_tokens - 1):
+            raise ValueError(f"admit: hit must be the tokens the cached blocks cover, 0..{min(len(cached) * self.block_size, req.num_tokens - 1)} "
+                             f"for {len(cached)} blocks of {self.block_size} and {req.num_tokens} tokens, got {hit!r}")
         for b in cached:
             blk = self.blocks[b]
             if blk.ref_count == 0:
@@ -144,6 +206,10 @@ class BlockManager:
         """Make ``req``'s tokens ``num_computed_tokens .. end - 1`` writable: new blocks for the table, and a copy
         of any shared block they fall in. Returns the copies ``(src, dst)`` for the runner, or ``None`` if the
         pool cannot (nothing is changed then)."""
+        self._check_request(req, "prepare_write")
+        if isinstance(end, bool) or not isinstance(end, int) or not req.num_computed_tokens <= end <= req.num_tokens:
+            raise ValueError(f"prepare_write: end must be an int in {req.num_computed_tokens}..{req.num_tokens} (from "
+                             f"request {req.request_id!r}'s computed tokens to its known tokens), got {end!r}")
         bs, start = self.block_size, req.num_computed_tokens
         new = self.blocks_for(end) - len(req.block_table)
         shared = [i for i in range(start // bs, min(self.blocks_for(end), len(req.block_table)))
@@ -163,6 +229,7 @@ class BlockManager:
 
     def free(self, req: Request) -> None:
         """Drop ``req``'s references, last block first; a block nobody holds keeps its name (findable)."""
+        self._check_request(req, "free")
         for b in reversed(req.block_table):
             blk = self.blocks[b]
             blk.ref_count -= 1

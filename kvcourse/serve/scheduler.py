@@ -61,6 +61,12 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
+        """Queue a request at the back of the waiting queue (the engine checks it first: ``Engine.add_request``)."""
+        if not isinstance(req, Request):
+            raise TypeError(f"Scheduler.add takes a kvcourse.serve.Request, got {type(req).__name__}")
+        if req.status is not Status.WAITING or req.block_table or any(r is req for r in self.waiting):
+            raise ValueError(f"Scheduler.add: request {req.request_id!r} is {req.status.value}"
+                             f"{' and queued already' if req in self.waiting else ''}; only a new request is added")
         req.status = Status.WAITING
         self.waiting.append(req)
 
@@ -116,6 +122,8 @@ class Scheduler:
     def num_new_tokens(self, req: Request, budget: int) -> int:
         """How many of ``req``'s known tokens to compute this step: all that are left (1 when decoding), but no
         more than the token budget left: a long prompt is prefilled in chunks (Sarathi-Serve)."""
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"num_new_tokens: budget must be an int >= 1 (tokens left this step), got {budget!r}")
         return min(req.num_tokens - req.num_computed_tokens, budget)
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
@@ -131,6 +139,10 @@ class Scheduler:
 
     def finish(self, req: Request) -> None:
         """Release a finished request: its blocks return to the pool now."""
+        if not any(r is req for r in self.running):
+            rid = getattr(req, "request_id", type(req).__name__)
+            raise ValueError(f"Scheduler.finish: request {rid!r} is not running (running: "
+                             f"{[r.request_id for r in self.running]})")
         self.running.remove(req)
         self.blocks.free(req)
         req.status = Status.FINISHED
