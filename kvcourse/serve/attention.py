@@ -53,8 +53,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["slot_mapping", "write_kv", "paged_attention", "gather_attention", "attention_bytes", "benchmark",
-           "DEFAULT_BLOCKS_PER_TILE"]
+__all__ = ["slot_mapping", "write_kv", "paged_attention", "plan_attention", "AttentionPlan", "gather_attention",
+           "attention_bytes", "benchmark", "DEFAULT_BLOCKS_PER_TILE"]
 
 # 8 blocks (128 tokens at bs 16) a tile. ``benchmark()`` on the bundled model's dims (H=6, KV=2, D=32), bs 16, fp32,
 # one thread of a shared 2-core machine, median CPU time per call, ranges over 3-4 runs (issue 23's report):
@@ -131,7 +131,8 @@ def _row_tables(block_tables: torch.Tensor, seq_idx: torch.Tensor, limits: torch
     return torch.where(used, tbl, 0)  # (T, M)
 
 
-def _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, who: str) -> None:
+def _check_q_and_pools(q, k_pool, v_pool, scale, who: str) -> None:
+    """The checks on what changes from layer to layer (q and the pools): attribute checks only, no host sync."""
     _tensor("q", q, 3, "(T, num_heads, head_dim)", integer=False)
     _check_pools(k_pool, v_pool, who)
     n, kv, bs, d = k_pool.shape
@@ -148,15 +149,19 @@ def _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, wh
     if q.dtype != k_pool.dtype or q.device != k_pool.device:
         raise ValueError(f"{who}: q and the pools must have the same dtype and device, got q {q.dtype} on "
                          f"{q.device}, pool {k_pool.dtype} on {k_pool.device}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{who}: scale must be a finite float > 0 (usually head_dim ** -0.5), got {scale!r}")
+
+
+def _check_step(block_tables, seq_idx, limits, t: int, block_size: int, who: str) -> None:
+    """The checks on what a whole step shares (tables, rows' sequences and limits); ``t`` query rows."""
     _tensor("block_tables", block_tables, 2, "(num_seqs, max_blocks) of block ids", integer=True)
     _check_rows("seq_idx", seq_idx, t, who)
     _check_rows("limits", limits, t, who)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{who}: scale must be a finite float > 0 (usually head_dim ** -0.5), got {scale!r}")
     if t == 0:
         return
     _check_seq_idx(seq_idx, block_tables.shape[0], who)
-    capacity = block_tables.shape[1] * bs
+    capacity = block_tables.shape[1] * block_size
     lo, hi = int(limits.min()), int(limits.max())
     if lo < 1:
         i = int((limits < 1).nonzero()[0, 0])
@@ -164,8 +169,13 @@ def _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, wh
                          f"row {i} has limit {lo}")
     if hi > capacity:
         i = int((limits > capacity).nonzero()[0, 0])
-        raise ValueError(f"{who}: limits must be <= the table capacity, {block_tables.shape[1]} blocks x {bs} = "
-                         f"{capacity} tokens; row {i} has limit {hi}")
+        raise ValueError(f"{who}: limits must be <= the table capacity, {block_tables.shape[1]} blocks x "
+                         f"{block_size} = {capacity} tokens; row {i} has limit {hi}")
+
+
+def _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, who: str) -> None:
+    _check_q_and_pools(q, k_pool, v_pool, scale, who)
+    _check_step(block_tables, seq_idx, limits, q.shape[0], k_pool.shape[2], who)
 
 
 # ---- slots -------------------------------------------------------------------------------------------------------
@@ -201,12 +211,32 @@ def slot_mapping(positions: torch.Tensor, block_tables: torch.Tensor, seq_idx: t
     return block * block_size + positions % block_size  # (T,)
 
 
+def _check_slots(slots, t: int, num_blocks: int, block_size: int, who: str) -> None:
+    """slots (T,) ints, each in the pool (0..N*bs-1), none twice."""
+    _check_rows("slots", slots, t, who)
+    if t == 0:
+        return
+    n, bs = num_blocks, block_size
+    slots = slots.long()
+    bad = (slots < 0) | (slots >= n * bs)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"{who}: slots must be in 0..{n * bs - 1} ({n} blocks x {bs}); token {i} has slot "
+                         f"{int(slots[i])}")
+    if slots.unique().numel() != slots.numel():
+        s, c = slots.unique(return_counts=True)
+        raise ValueError(f"{who}: each token needs its own slot; slot {int(s[c > 1][0])} is written by "
+                         f"{int(c[c > 1][0])} tokens of this call")
+
+
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-             block_size: int) -> None:
+             block_size: int, *, plan: AttentionPlan | None = None) -> None:
     """Write token t's key and value (T, KV, D) at flat slot ``slots[t]`` of one layer's pools (N, KV, bs, D).
 
     In place. Everything is checked before anything is written (a refused call changes nothing): shapes,
     dtypes, slots in 0..N*bs-1, and no slot twice in one call (two tokens in one slot would keep either).
+    ``plan``: an ``AttentionPlan`` built with these ``slots`` (``plan_attention(..., slots=slots)``): the slots
+    were checked there, once per step, and the rows they write are read from it.
     """
     who = "write_kv"
     _check_pools(k_pool, v_pool, who)
@@ -222,19 +252,20 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
     if k.dtype != k_pool.dtype or v.dtype != k_pool.dtype or k.device != k_pool.device or v.device != k_pool.device:
         raise ValueError(f"{who}: k and v must have the pool's dtype and device, {k_pool.dtype} on "
                          f"{k_pool.device}; got k {k.dtype} on {k.device}, v {v.dtype} on {v.device}")
-    _check_rows("slots", slots, k.shape[0], who)
+    if plan is not None:
+        if not isinstance(plan, AttentionPlan) or plan.write_rows is None:
+            raise TypeError(f"{who}: plan must be an AttentionPlan built with the step's slots "
+                            f"(plan_attention(..., slots=slots)), got {plan!r}")
+        plan.check(who, k_pool, slots=slots)
+        if k.shape[0] != plan.num_rows:
+            raise ValueError(f"{who}: the plan has {plan.num_rows} tokens, k has {k.shape[0]}")
+        k_pool.view(n * kv * bs, d).index_copy_(0, plan.write_rows, k.reshape(-1, d))  # (T * KV, D) rows
+        v_pool.view(n * kv * bs, d).index_copy_(0, plan.write_rows, v.reshape(-1, d))
+        return
+    _check_slots(slots, k.shape[0], n, bs, who)
     if k.shape[0] == 0:
         return
     slots = slots.long()
-    bad = (slots < 0) | (slots >= n * bs)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise IndexError(f"{who}: slots must be in 0..{n * bs - 1} ({n} blocks x {bs}); token {i} has slot "
-                         f"{int(slots[i])}")
-    if slots.unique().numel() != slots.numel():
-        s, c = slots.unique(return_counts=True)
-        raise ValueError(f"{who}: each token needs its own slot; slot {int(s[c > 1][0])} is written by "
-                         f"{int(c[c > 1][0])} tokens of this call")
     block, offset = slots // bs, slots % bs  # (T,), (T,)
     k_pool[block, :, offset] = k  # advanced indices on dims 0 and 2: the indexed pool is (T, KV, D)
     v_pool[block, :, offset] = v
@@ -259,9 +290,184 @@ def _online_update(state: tuple | None, s: torch.Tensor, v: torch.Tensor) -> tup
     return m_new, denom * alpha + p.sum(-1), acc * alpha[..., None] + p @ v
 
 
+class _Tile:
+    """One key tile of a group's walk: the query tiles that still read it, the pool rows it gathers, its mask."""
+
+    __slots__ = ("active", "ids", "length", "mask")
+
+    def __init__(self, active: int, ids: torch.Tensor, length: int, mask: torch.Tensor | None):
+        self.active = active  # query tiles 0..active-1 (longest first) read this tile
+        self.ids = ids  # (active * KV * P,) rows of the (N * KV, bs * D) pool view, in (B', KV, P) order
+        self.length = length  # L keys: P * bs
+        self.mask = mask  # (B', 1, R, 1, L) True where a key is past its row's limit; None: no row ends here
+
+
+class _Group:
+    """Query tiles of ``r`` rows each, walked together, longest first.
+
+    ``take`` (B * R,): the q row of each (query tile, place) in walk order, ``T`` (a zero row) for padding, or None:
+    every row in its own order (B = T, R = 1). ``put_rows`` / ``put_from``: out[put_rows] = result[put_from]
+    (``put_from`` None: every result row, in order)."""
+
+    __slots__ = ("b", "r", "take", "put_rows", "put_from", "tiles")
+
+    def __init__(self, take: torch.Tensor | None, lim: torch.Tensor, tbl: torch.Tensor, t: int, kv: int, bs: int,
+                 p_tile: int):
+        b, r = lim.shape
+        tops, lows = lim.amax(1).tolist(), lim.amin(1).tolist()  # the longest and shortest row of each query tile
+        order = sorted(range(b), key=tops.__getitem__, reverse=True)  # longest first: the active are a prefix
+        if order != list(range(b)):
+            perm = torch.tensor(order, device=lim.device)
+            take = perm[:, None] if take is None else take[perm]
+            lim, tbl = lim[perm], tbl[perm]
+            tops, lows = [tops[i] for i in order], [lows[i] for i in order]
+        self.b, self.r = b, r
+        self.take = None if take is None else take.reshape(-1)  # (B * R,)
+        self.put_rows = self.put_from = None
+        if self.take is not None:
+            real = self.take < t  # (B * R,) not a padding place
+            if bool(real.all()):
+                self.put_rows = self.take
+            else:
+                self.put_rows, self.put_from = self.take[real], real.nonzero()[:, 0]
+        lows = list(itertools.accumulate(lows, min))  # lows[i]: the shortest row among query tiles 0..i
+        neg_tops = [-x for x in tops]  # ascending, for bisect
+        width = -(-tops[0] // bs)  # table columns the longest query tile reads
+        heads = torch.arange(kv, device=lim.device)
+        # row block * KV + j of a pool holds head j of that block: gathering rows in (B, KV, P) order gives a
+        # tile directly as (B, KV, P * bs, D), with no transpose
+        rows = tbl[:, None, :width] * kv + heads[None, :, None]  # (B, KV, W)
+        self.tiles = []
+        for c0 in range(0, width, p_tile):
+            c1, start = min(c0 + p_tile, width), c0 * bs
+            length = (c1 - c0) * bs
+            active = bisect.bisect_left(neg_tops, -start)  # query tiles with a row that reaches this tile
+            mask = None
+            if start + length > lows[active - 1]:  # some row ends inside this tile: mask its keys >= its limit
+                pos = torch.arange(start, start + length, device=lim.device)  # (L,)
+                mask = (pos >= lim[:active, :, None])[:, None, :, None, :]  # (B', 1, R, 1, L)
+            self.tiles.append(_Tile(active, rows[:active, :, c0:c1].reshape(-1), length, mask))
+
+
+class AttentionPlan:
+    """What every layer of one step shares, built once per step: ``plan_attention`` makes it.
+
+    Everything ``paged_attention`` derives from (block_tables, seq_idx, limits, block_size) is the same in every
+    layer: the checks (host syncs), each row's table, the sort of the rows into query tiles, each key tile's pool
+    rows and masks. ``paged_attention(..., plan=plan)`` reads them from the plan and only walks the tiles; given
+    ``slots``, ``write_kv(..., plan=plan)`` writes through rows checked once too. A plan is tied to the very
+    tensors it was built from (compared by identity), so it cannot be used with another step's.
+    """
+
+    def __init__(self, block_tables: torch.Tensor, seq_idx: torch.Tensor, limits: torch.Tensor,
+                 slots: torch.Tensor | None, num_blocks: int, kv_heads: int, block_size: int, blocks_per_tile: int,
+                 groups: list, write_rows: torch.Tensor | None):
+        self.block_tables, self.seq_idx, self.limits, self.slots = block_tables, seq_idx, limits, slots
+        self.num_rows = seq_idx.shape[0]
+        self.num_blocks, self.kv_heads, self.block_size = num_blocks, kv_heads, block_size
+        self.blocks_per_tile = blocks_per_tile
+        self.groups = groups  # list[_Group]
+        self.write_rows = write_rows  # (T * KV,) rows of the (N * KV * bs, D) pool view, or None (no slots)
+
+    def __repr__(self) -> str:
+        return (f"AttentionPlan({self.num_rows} rows, {len(self.groups)} groups, "
+                f"{sum(len(g.tiles) for g in self.groups)} key tiles, pool ({self.num_blocks}, {self.kv_heads}, "
+                f"{self.block_size}, D), blocks_per_tile={self.blocks_per_tile})")
+
+    def check(self, who: str, k_pool: torch.Tensor, block_tables=None, seq_idx=None, limits=None,
+              blocks_per_tile: int | None = None, slots=None) -> None:
+        """Refuse a plan built for another step or another pool (identity of the step's tensors, pool shape)."""
+        mine = {"block_tables": self.block_tables, "seq_idx": self.seq_idx, "limits": self.limits,
+                "slots": self.slots}
+        given = {"block_tables": block_tables, "seq_idx": seq_idx, "limits": limits, "slots": slots}
+        for name, x in given.items():
+            if x is not None and x is not mine[name]:
+                raise ValueError(f"{who}: the plan was built for other {name} than the ones given: build one plan "
+                                 f"per step with plan_attention(...) from the very tensors this call gets")
+        if tuple(k_pool.shape[:3]) != (self.num_blocks, self.kv_heads, self.block_size):
+            raise ValueError(f"{who}: the plan was built for a pool of (num_blocks, kv_heads, block_size) = "
+                             f"{(self.num_blocks, self.kv_heads, self.block_size)}, got {tuple(k_pool.shape)}")
+        if blocks_per_tile is not None and blocks_per_tile != self.blocks_per_tile:
+            raise ValueError(f"{who}: the plan was built for blocks_per_tile={self.blocks_per_tile}, the call asks "
+                             f"for {blocks_per_tile!r}")
+
+
+def plan_attention(block_tables: torch.Tensor, seq_idx: torch.Tensor, limits: torch.Tensor, *, num_blocks: int,
+                   kv_heads: int, block_size: int, blocks_per_tile: int = DEFAULT_BLOCKS_PER_TILE,
+                   slots: torch.Tensor | None = None) -> AttentionPlan:
+    """Check one step's tables, rows and limits once, and plan its walk (``AttentionPlan``) for every layer.
+
+    Same arguments as ``paged_attention`` (the pool given by its sizes), plus, optionally, the step's ``slots``
+    (T,) for ``write_kv``: checked here (in the pool, no slot twice) so the layers' writes need not be.
+    """
+    return _plan(block_tables, seq_idx, limits, slots, num_blocks, kv_heads, block_size, blocks_per_tile,
+                 "plan_attention")
+
+
+def _plan(block_tables, seq_idx, limits, slots, num_blocks, kv_heads, block_size, blocks_per_tile,
+          who: str) -> AttentionPlan:
+    n, kv = _int("num_blocks", num_blocks, 1), _int("kv_heads", kv_heads, 1)
+    bs, p_tile = _int("block_size", block_size, 1), _int("blocks_per_tile", blocks_per_tile, 1)
+    _tensor("seq_idx", seq_idx, 1, "(T,) with T query rows", integer=True)
+    t = seq_idx.shape[0]
+    _check_step(block_tables, seq_idx, limits, t, bs, who)
+    write_rows = None
+    if slots is not None:
+        _check_slots(slots, t, n, bs, who)
+        slots = slots.long()
+        heads = torch.arange(kv, device=slots.device)
+        # token t's head j goes to row (block * KV + j) * bs + offset of the (N * KV * bs, D) pool view
+        write_rows = (((slots // bs) * kv)[:, None] + heads[None, :]) * bs + (slots % bs)[:, None]  # (T, KV)
+        write_rows = write_rows.reshape(-1)  # (T * KV,)
+    groups = []
+    if t:
+        seq, lim = seq_idx.long(), limits.long()
+        tbl = _row_tables(block_tables, seq, lim, bs, n, who)  # (T, M), padding -> block 0
+        # query tiles: rows sorted by sequence (stable), then cut into runs of at most QUERY_TILE rows of one sequence
+        seq_sorted, order = torch.sort(seq, stable=True)  # (T,), (T,)
+        first = torch.ones(t, dtype=torch.bool, device=seq.device)
+        first[1:] = seq_sorted[1:] != seq_sorted[:-1]  # (T,) a sequence's first row
+        if bool(first.all()):  # one row per sequence (a decode step): every row is its own query tile
+            groups.append(_Group(None, lim[:, None], tbl, t, kv, bs, p_tile))
+        else:
+            groups = _plan_mixed(seq_sorted, order, first, lim, tbl, t, kv, bs, p_tile)
+    return AttentionPlan(block_tables, seq_idx, limits, slots, n, kv, bs, p_tile, groups, write_rows)
+
+
+def _plan_mixed(seq_sorted, order, first, lim, tbl, t: int, kv: int, bs: int, p_tile: int) -> list:
+    """Groups of a step with prefill chunks: its single rows (decode tokens), then its multi-row query tiles."""
+    dev = lim.device
+    idx = torch.arange(t, device=dev)
+    start_of_run = torch.cummax(torch.where(first, idx, 0), 0).values  # (T,) index of its sequence's first row
+    rank = idx - start_of_run  # (T,) rank of the row within its sequence
+    tile_id = torch.cumsum(first | (rank % QUERY_TILE == 0), 0) - 1  # (T,) query tile of each sorted row
+    sizes = torch.bincount(tile_id)  # (tiles,)
+    single = sizes[tile_id] == 1  # (T,) rows alone in their query tile: decode tokens
+    groups = []
+    rows_a = order[single]  # (TA,) decode-like rows
+    if rows_a.numel():
+        groups.append(_Group(rows_a[:, None], lim[rows_a][:, None], tbl[rows_a], t, kv, bs, p_tile))
+    multi = ~single
+    if bool(multi.any()):
+        rows_b, tiles_b = order[multi], tile_id[multi]  # (TB,) rows of multi-row query tiles, sorted by tile
+        _, counts = torch.unique_consecutive(tiles_b, return_counts=True)  # (NB,)
+        r, nb = int(counts.max()), counts.numel()  # rows a query tile holds, padded to
+        slot = torch.arange(rows_b.numel(), device=dev) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)  # (TB,) row's place in its query tile
+        which = torch.repeat_interleave(torch.arange(nb, device=dev), counts)  # (TB,) its query tile
+        take = torch.full((nb, r), t, dtype=torch.long, device=dev)  # (NB, R): padding places read row T (zeros)
+        take[which, slot] = rows_b
+        lim_b = lim.new_ones(nb, r)  # padding rows see key 0 only: finite, and discarded
+        lim_b[which, slot] = lim[rows_b]
+        longest = take[torch.arange(nb, device=dev), lim_b.argmax(1)]  # (NB,) its row of largest limit, whose
+        groups.append(_Group(take, lim_b, tbl[longest], t, kv, bs, p_tile))  # table has every block the tile reads
+    return groups
+
+
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                     seq_idx: torch.Tensor, limits: torch.Tensor, scale: float,
-                    blocks_per_tile: int = DEFAULT_BLOCKS_PER_TILE) -> torch.Tensor:
+                    blocks_per_tile: int = DEFAULT_BLOCKS_PER_TILE, *, plan: AttentionPlan | None = None
+                    ) -> torch.Tensor:
     """Attention of ragged query rows over their sequences' blocks, one tile of blocks at a time.
 
     q (T, H, D): one row per query token (prefill chunks and decode tokens mixed). Row t attends to keys
@@ -277,110 +483,80 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     the short ones beside it read masked tiles. Only the table columns up to each tile's longest limit are
     read; entries past a row's last needed block may be anything (-1 padding): they are read as block 0 and
     masked.
+
+    ``plan``: the step's ``AttentionPlan`` (``plan_attention``), the same for every layer: the checks and the
+    planning of the walk are then done once per step instead of once per layer; without it, this call plans
+    (and checks) for itself. The result is the same.
     """
     who = "paged_attention"
-    _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, who)
-    p_tile = _int("blocks_per_tile", blocks_per_tile, 1)
+    if plan is None:
+        _check_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, who)
+        p_tile = _int("blocks_per_tile", blocks_per_tile, 1)
+        n, kv, bs, _ = k_pool.shape
+        plan = _plan(block_tables, seq_idx, limits, None, n, kv, bs, p_tile, who)
+    else:
+        if not isinstance(plan, AttentionPlan):
+            raise TypeError(f"{who}: plan must be an AttentionPlan (from plan_attention), got {type(plan).__name__}")
+        _check_q_and_pools(q, k_pool, v_pool, scale, who)
+        plan.check(who, k_pool, block_tables, seq_idx, limits, blocks_per_tile)
+        if q.shape[0] != plan.num_rows:
+            raise ValueError(f"{who}: the plan has {plan.num_rows} query rows, q has {q.shape[0]}")
+    return _attend(plan, q, k_pool, v_pool, scale)
+
+
+def _attend(plan: AttentionPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """Walk the plan's groups for one layer: (T, H, D) in q's dtype."""
     n, kv, bs, d = k_pool.shape
     t, h, _ = q.shape
     if t == 0:
         return q.new_empty(0, h, d)
     g = h // kv  # query heads per KV head
-    seq_idx, limits = seq_idx.long(), limits.long()
-    tbl = _row_tables(block_tables, seq_idx, limits, bs, n, who)  # (T, M), padding -> block 0
     qf = q.float() * scale  # (T, H, D) fp32; head h = kv_head * G + i, as repeat_kv
     pools = k_pool.view(n * kv, bs * d), v_pool.view(n * kv, bs * d)  # one row per (block, kv head)
+    groups = plan.groups
+    if len(groups) == 1 and groups[0].take is None:  # a decode step in walk order: no gather, no scatter
+        return _walk(qf.view(t, kv, g, d), groups[0], pools).view(t, h, d).to(q.dtype)  # (T, H, D)
+    if any(grp.put_from is not None for grp in groups):
+        qf = torch.cat([qf, qf.new_zeros(1, h, d)])  # (T + 1, H, D): row T, zeros, for padding places
     out = torch.empty(t, h, d, dtype=torch.float32, device=q.device)
-
-    # query tiles: rows sorted by sequence (stable), then cut into runs of at most QUERY_TILE rows of one sequence
-    seq_sorted, order = torch.sort(seq_idx, stable=True)  # (T,), (T,)
-    first = torch.ones(t, dtype=torch.bool, device=q.device)
-    first[1:] = seq_sorted[1:] != seq_sorted[:-1]  # (T,) a sequence's first row
-    if bool(first.all()):  # one row per sequence (a decode step): every row is its own query tile
-        oa = _walk(qf.view(t, kv, g, d), limits[:, None], tbl, pools, kv, bs, p_tile)  # (T, KV, G, D)
-        return oa.view(t, h, d).to(q.dtype)
-    idx = torch.arange(t, device=q.device)
-    start_of_run = torch.cummax(torch.where(first, idx, 0), 0).values  # (T,) index of its sequence's first row
-    rank = idx - start_of_run  # (T,) rank of the row within its sequence
-    tile_id = torch.cumsum(first | (rank % QUERY_TILE == 0), 0) - 1  # (T,) query tile of each sorted row
-    sizes = torch.bincount(tile_id)  # (tiles,)
-    single = sizes[tile_id] == 1  # (T,) rows alone in their query tile: decode tokens
-
-    rows_a = order[single]  # (TA,) decode-like rows
-    if rows_a.numel():
-        qa = qf[rows_a].view(-1, kv, g, d)  # (TA, KV, G, D)
-        oa = _walk(qa, limits[rows_a][:, None], tbl[rows_a], pools, kv, bs, p_tile)  # (TA, KV, G, D)
-        out[rows_a] = oa.view(-1, h, d)
-    multi = ~single
-    if bool(multi.any()):
-        rows_b, tiles_b = order[multi], tile_id[multi]  # (TB,) rows of multi-row query tiles, sorted by tile
-        tiles, counts = torch.unique_consecutive(tiles_b, return_counts=True)  # (NB,)
-        r = int(counts.max())  # rows a query tile holds, padded to
-        nb = tiles.numel()
-        slot = torch.arange(rows_b.numel(), device=q.device) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts)  # (TB,) row's place in its query tile
-        which = torch.repeat_interleave(torch.arange(nb, device=q.device), counts)  # (TB,) its query tile
-        qb = qf.new_zeros(nb, r, h, d)  # (NB, R, H, D): padding rows are zeros ...
-        qb[which, slot] = qf[rows_b]
-        lim_b = limits.new_ones(nb, r)  # ... with limit 1 (key 0 only: finite, and discarded)
-        lim_b[which, slot] = limits[rows_b]
-        qb = qb.view(nb, r, kv, g, d).transpose(1, 2).reshape(nb, kv, r * g, d)  # (NB, KV, R * G, D)
-        row_of = torch.zeros(nb, r, dtype=torch.long, device=q.device)
-        row_of[which, slot] = rows_b  # (NB, R) the rows of each query tile
-        longest = row_of[torch.arange(nb, device=q.device), lim_b.argmax(1)]  # (NB,) its row of largest limit,
-        ob = _walk(qb, lim_b, tbl[longest], pools, kv, bs, p_tile)  # whose table has every block the tile reads
-        ob = ob.view(nb, kv, r, g, d).transpose(1, 2)  # (NB, R, KV, G, D)
-        out[rows_b] = ob[which, slot].reshape(-1, h, d)
+    for grp in groups:
+        b, r = grp.b, grp.r
+        qg = qf.index_select(0, grp.take).view(b, r, kv, g, d).transpose(1, 2).reshape(b, kv, r * g, d)
+        og = _walk(qg, grp, pools)  # (B, KV, R * G, D)
+        og = og.view(b, kv, r, g, d).transpose(1, 2).reshape(b * r, h, d)  # (B * R, H, D)
+        if grp.put_from is None:
+            out.index_copy_(0, grp.put_rows, og)
+        else:
+            out.index_copy_(0, grp.put_rows, og.index_select(0, grp.put_from))
     return out.to(q.dtype)  # (T, H, D)
 
 
+def _walk(qg: torch.Tensor, grp: _Group, pools: tuple) -> torch.Tensor:
+    """The block walk of one group: B query tiles of R rows each, one sequence per query tile, longest first.
 
-def _walk(qg: torch.Tensor, lim: torch.Tensor, tbl: torch.Tensor, pools: tuple, kv: int, bs: int,
-          p_tile: int) -> torch.Tensor:
-    """The block walk for B query tiles of R rows each, one sequence per query tile.
-
-    qg (B, KV, R * G, D) scaled fp32 queries, rows then heads; lim (B, R) each row's limit; tbl (B, M) the
-    tile's sequence's block ids (padding already 0); pools: K and V as (N * KV, bs * D). Returns (B, KV, R * G, D).
+    qg (B, KV, R * G, D) scaled fp32 queries, rows then heads; pools: K and V as (N * KV, bs * D).
+    Returns (B, KV, R * G, D).
     """
-    b, _, rg, d = qg.shape
-    r = lim.shape[1]
-    tops, lows = lim.amax(1).tolist(), lim.amin(1).tolist()  # the longest and shortest row of each query tile
-    order = sorted(range(b), key=tops.__getitem__, reverse=True)  # walk the longest first: the active are a prefix
-    if order != list(range(b)):
-        perm = torch.tensor(order, device=qg.device)
-        qg, lim, tbl = qg[perm], lim[perm], tbl[perm]
-        tops, lows = [tops[i] for i in order], [lows[i] for i in order]
-    lows = list(itertools.accumulate(lows, min))  # lows[i]: the shortest row among query tiles 0..i
-    neg_tops = [-x for x in tops]  # ascending, for bisect
-    width = -(-tops[0] // bs)  # table columns the longest tile reads
-    heads = torch.arange(kv, device=qg.device)
-    # row block * KV + j of a pool holds head j of that block: gathering rows in (B, KV, P) order gives a tile
-    # directly as (B, KV, P * bs, D), with no transpose
-    rows = tbl[:, None, :width] * kv + heads[None, :, None]  # (B, KV, W)
+    b, kv, rg, d = qg.shape
+    r = grp.r
     out = torch.empty_like(qg)
     state, active = None, b
-    for c0 in range(0, width, p_tile):
-        c1, start = min(c0 + p_tile, width), c0 * bs
-        length = (c1 - c0) * bs  # L keys in this tile
-        now = bisect.bisect_left(neg_tops, -start)  # query tiles with a row that reaches this tile
+    for tile in grp.tiles:
+        now, length = tile.active, tile.length
         if now < active:  # the rest have ended: their result is final
             m, denom, acc = state
             out[now:active] = acc[now:] / denom[now:, ..., None]
             state, active = (m[:now], denom[:now], acc[:now]), now
-        ids = rows[:active, :, c0:c1].reshape(-1)  # (B' * KV * P,) this tile's rows of the pool
-        k = pools[0].index_select(0, ids).view(active, kv, length, d).float()  # (B', KV, L, D) fp32
-        v = pools[1].index_select(0, ids).view(active, kv, length, d).float()
+        k = pools[0].index_select(0, tile.ids).view(active, kv, length, d).float()  # (B', KV, L, D) fp32
+        v = pools[1].index_select(0, tile.ids).view(active, kv, length, d).float()
         s = qg[:active] @ k.transpose(-1, -2)  # (B', KV, R * G, L)
-        if start + length > lows[active - 1]:  # some row ends inside this tile: mask its keys >= its limit
-            pos = torch.arange(start, start + length, device=qg.device)  # (L,)
-            mask = (pos >= lim[:active, :, None])[:, None, :, None, :]  # (B', 1, R, 1, L)
-            s.view(active, kv, r, rg // r, length).masked_fill_(mask, float("-inf"))
+        if tile.mask is not None:
+            s.view(active, kv, r, rg // r, length).masked_fill_(tile.mask, float("-inf"))
         state = _online_update(state, s, v)
     _, denom, acc = state
     out[:active] = acc / denom[..., None]
-    if order == list(range(b)):
-        return out  # (B, KV, R * G, D)
-    return out[torch.argsort(perm)]  # (B, KV, R * G, D) in the caller's order
+    return out  # (B, KV, R * G, D)
 
 
 def gather_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from ..fast.fused import FusedBlock, check_one_dtype_and_device, rms_norm, rope_table
 from ..generate import as_llama
 from ..llama import Llama
-from .attention import paged_attention, write_kv
+from .attention import DEFAULT_BLOCKS_PER_TILE, paged_attention, plan_attention, write_kv
 
 
 class ModelRunner:
     """The course's Llama as fused weights, plus the paged KV pool it reads and writes."""
 
-    def __init__(self, model, num_blocks: int, block_size: int, blocks_per_tile: int = 8):
+    def __init__(self, model, num_blocks: int, block_size: int,
+                 blocks_per_tile: int = DEFAULT_BLOCKS_PER_TILE):
         llama = as_llama(model)
         if not isinstance(llama, Llama):
             raise TypeError(f"the engine runs the course's Llama or a transformers LlamaForCausalLM, "
@@ -96,6 +97,16 @@ class ModelRunner:
         cos = self.cos[positions][:, None, :]  # (T, 1, D): each token its own angle
         sin = self.sin[positions][:, None, :]
         limits = positions + 1  # token at position p sees keys 0..p of its sequence
+        # the package's own attention and write get the step's plan: checks, query tiles, key tiles' pool rows and
+        # masks, write rows, all built once here for every layer. A learner's function plugged in takes no plan.
+        own_attn, own_write = self.attention is paged_attention, self.write_kv is write_kv
+        plan = None
+        if own_attn or own_write:
+            plan = plan_attention(block_tables, seq_idx, limits, num_blocks=self.num_blocks, kv_heads=nkv,
+                                  block_size=self.block_size, blocks_per_tile=self.blocks_per_tile,
+                                  slots=slots if own_write else None)
+        attn_kw = {"plan": plan} if own_attn else {}
+        write_kw = {"plan": plan} if own_write else {}
         for i, blk in enumerate(self.blocks):
             h = rms_norm(x, blk.attn_norm, self.eps)
             qkv = F.linear(h, blk.wqkv, blk.bqkv)  # (T, (H + 2KV) D)
@@ -103,9 +114,9 @@ class ModelRunner:
             qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
             q, k = qk[:, :nh], qk[:, nh:]  # (T, H, D), (T, KV, D)
             v = qkv[:, (nh + nkv) * d:].view(t, nkv, d)  # (T, KV, D)
-            self.write_kv(self.k_pool[i], self.v_pool[i], k, v, slots, self.block_size)
+            self.write_kv(self.k_pool[i], self.v_pool[i], k, v, slots, self.block_size, **write_kw)
             y = self.attention(q, self.k_pool[i], self.v_pool[i], block_tables, seq_idx, limits, self.scale,
-                                blocks_per_tile=self.blocks_per_tile)  # (T, H, D)
+                               blocks_per_tile=self.blocks_per_tile, **attn_kw)  # (T, H, D)
             x = x + F.linear(y.reshape(t, nh * d), blk.wo, blk.bo)  # (T, C)
             h = rms_norm(x, blk.mlp_norm, self.eps)
             gate, up = F.linear(h, blk.w_gate_up, blk.b_gate_up).chunk(2, dim=-1)  # (T, I) each
