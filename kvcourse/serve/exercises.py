@@ -361,6 +361,17 @@ def lockstep(model, specs: Sequence[Spec], scheduler_cls: type[Scheduler], max_s
     for s in specs:
         ref.add_request(s.request())
         mine.add_request(s.request())
+    not_newest: list[str] = []  # victims that were not the newest running request when preempted
+    learners_preempt = mine.scheduler._preempt
+
+    def recorded_preempt(req, batch):
+        running = mine.scheduler.running
+        if running and req is not running[-1]:
+            not_newest.append(req.request_id)
+        return learners_preempt(req, batch)
+
+    mine.scheduler._preempt = recorded_preempt  # this engine's scheduler only
+    newest_hint = "preempt the NEWEST running request (the last in self.running), not the oldest"
     done_ref: set[str] = set()
     done_mine: set[str] = set()
     for step in range(1, max_steps + 1):
@@ -374,41 +385,45 @@ def lockstep(model, specs: Sequence[Spec], scheduler_cls: type[Scheduler], max_s
                         "a request must stay in self.running until it finishes, or go back to self.waiting")
             done_mine |= {o.request_id for o in mine.step()}
         except Exception as err:  # noqa: BLE001 - reported with the step it happened in
-            return f"step {step}: the engine failed with your scheduler: {type(err).__name__}: {err}", _why_failed(err)
+            return (f"step {step}: the engine failed with your scheduler: {type(err).__name__}: {err}",
+                    newest_hint if not_newest else _why_failed(err))
         a, b = _state(mine), _state(ref)
         if a == b:
             continue
         where = f"step {step} (budget {engine_kwargs.get('max_num_batched_tokens')}, {engine_kwargs.get('num_blocks')} blocks)"
-        if a["preempted"] != b["preempted"]:
-            hint = ""
-            if a["preempted"] and b["preempted"] and a["preempted"][0] != b["preempted"][0]:
-                hint = ("preempt the NEWEST running request (the last in self.running), not the oldest"
-                        if a["preempted"][0] == (b["running"] + b["preempted"])[0] else "")
-            return f"{where}: your scheduler preempted {a['preempted']}, the reference preempted {b['preempted']}", hint
-        if a["items"] != b["items"]:
-            ids_a, ids_b = [i for i, _ in a["items"]], [i for i, _ in b["items"]]
-            hint = ""
-            if set(ids_a) > set(ids_b) and b["preempted"]:
-                hint = "admit no waiting request in a step that preempted one (the pool is full)"
-            elif len(a["running"]) > engine_kwargs.get("max_num_seqs", 64):
-                hint = "admit no more than max_num_seqs running requests"
-            elif set(ids_a) > set(ids_b):
-                extra = [i for i in ids_a if i not in ids_b]
-                if any(r in b["waiting"][1:] for r in extra):
-                    hint = ("first come, first served: when the first waiting request does not fit, admit none "
-                            "after it this step (stop, do not skip ahead)")
-            return (f"{where}: your scheduler ran (request, tokens) {a['items']}, the reference {b['items']}", hint)
-        if a["free"] != b["free"]:
-            hint = ("a finished request's blocks go back to the pool: call self.blocks.free(req) in finish"
-                    if a["free"] < b["free"] else "")
-            return f"{where}: {a['free']} free blocks after the step, the reference has {b['free']}", hint
-        if a["waiting"] != b["waiting"]:
-            hint = ""
-            if sorted(a["waiting"]) == sorted(b["waiting"]) and a["waiting"][-1:] == b["waiting"][:1]:
-                hint = "a preempted request goes back to the FRONT of the waiting queue (appendleft)"
-            return f"{where}: waiting queue {a['waiting']}, the reference's {b['waiting']}", hint
-        return f"{where}: running {a['running']}, the reference's {b['running']}", ""
+        diff, hint = _first_difference(a, b, where, engine_kwargs.get("max_num_seqs", 64))
+        return diff, newest_hint if not_newest else hint
     return f"the workload did not finish in {max_steps} steps", ""
+
+
+def _first_difference(a: dict, b: dict, where: str, max_num_seqs: int) -> tuple[str, str]:
+    """What differs first between the learner's state ``a`` and the reference's ``b`` after a step, and a hint
+    when the difference is one a known mistake makes."""
+    if a["preempted"] != b["preempted"]:
+        return f"{where}: your scheduler preempted {a['preempted']}, the reference preempted {b['preempted']}", ""
+    if a["items"] != b["items"]:
+        ids_a, ids_b = [i for i, _ in a["items"]], [i for i, _ in b["items"]]
+        hint = ""
+        if set(ids_a) > set(ids_b) and b["preempted"]:
+            hint = "admit no waiting request in a step that preempted one (the pool is full)"
+        elif len(a["running"]) > max_num_seqs:
+            hint = "admit no more than max_num_seqs running requests"
+        elif set(ids_a) > set(ids_b):
+            extra = [i for i in ids_a if i not in ids_b]
+            if any(r in b["waiting"][1:] for r in extra):
+                hint = ("first come, first served: when the first waiting request does not fit, admit none "
+                        "after it this step (stop, do not skip ahead)")
+        return (f"{where}: your scheduler ran (request, tokens) {a['items']}, the reference {b['items']}", hint)
+    if a["free"] != b["free"]:
+        hint = ("a finished request's blocks go back to the pool: call self.blocks.free(req) in finish"
+                if a["free"] < b["free"] else "")
+        return f"{where}: {a['free']} free blocks after the step, the reference has {b['free']}", hint
+    if a["waiting"] != b["waiting"]:
+        hint = ""
+        if sorted(a["waiting"]) == sorted(b["waiting"]) and a["waiting"][-1:] == b["waiting"][:1]:
+            hint = "a preempted request goes back to the FRONT of the waiting queue (appendleft)"
+        return f"{where}: waiting queue {a['waiting']}, the reference's {b['waiting']}", hint
+    return f"{where}: running {a['running']}, the reference's {b['running']}", ""
 
 
 def _why_failed(err: Exception) -> str:
@@ -457,3 +472,48 @@ def use_prefix_lookup(engine: Engine, lookup: Callable) -> None:
 
 def copy_specs(specs: Sequence[Spec]) -> list[Spec]:
     return copy.deepcopy(list(specs))
+
+
+# ---- section 0: the static-batching baseline ---------------------------------------------------------------------
+def static_run(model, specs: Sequence[Spec], kv_tokens: int, max_num_seqs: int) -> dict:
+    """Serve ``specs`` (all arrived at time 0) as notebook 06 does: left-padded batches in arrival order, each run
+    until its longest request is done. A batch of B rows reserves B x (longest prompt + most new tokens - 1) cache
+    slots, which must fit ``kv_tokens``; at most ``max_num_seqs`` rows. Returns per request its first-token and
+    finish times (seconds after the start), the batch sizes, the wall time, and the decode rows computed for
+    requests that had already finished (wasted)."""
+    import time
+
+    t0 = time.perf_counter()
+    ttft, finish, batches, wasted, i = {}, {}, [], 0, 0
+    while i < len(specs):
+        batch = [specs[i]]
+        while i + len(batch) < len(specs) and len(batch) < max_num_seqs:
+            nxt = batch + [specs[i + len(batch)]]
+            need = len(nxt) * (max(len(s.prompt) for s in nxt) + max(s.max_new_tokens for s in nxt) - 1)
+            if need > kv_tokens:
+                break
+            batch = nxt
+        longest = max(len(s.prompt) for s in batch)
+        n = max(s.max_new_tokens for s in batch)
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, s in enumerate(batch):
+            ids[row, longest - len(s.prompt):] = torch.tensor(s.prompt)
+            mask[row, longest - len(s.prompt):] = 1
+        ticks: list[float] = []
+
+        def tick(*_args, ticks=ticks) -> None:
+            ticks.append(time.perf_counter() - t0)
+
+        handle = model.register_forward_hook(tick)  # one forward pass per generated token
+        try:
+            generate(model, ids, n, attention_mask=mask)
+        finally:
+            handle.remove()
+        for s in batch:
+            ttft[s.request_id], finish[s.request_id] = ticks[0], ticks[s.max_new_tokens - 1]
+        wasted += sum(n - s.max_new_tokens for s in batch)
+        batches.append(len(batch))
+        i += len(batch)
+    return {"ttft": ttft, "finish": finish, "batches": batches, "seconds": time.perf_counter() - t0,
+            "wasted_rows": wasted}
