@@ -239,6 +239,10 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
     were checked there, once per step, and the rows they write are read from it.
     """
     who = "write_kv"
+    if isinstance(plan, AttentionPlan) and plan.write_signature is not None and \
+            _signature((k, v), k_pool, v_pool, (slots,), (type(block_size), block_size)) == plan.write_signature:
+        _write_planned(k_pool, v_pool, k, v, plan)  # every layer of a step passes the same: checked once
+        return
     _check_pools(k_pool, v_pool, who)
     n, kv, bs, d = k_pool.shape
     if _int("block_size", block_size, 1) != bs:
@@ -259,8 +263,8 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
         plan.check(who, k_pool, slots=slots)
         if k.shape[0] != plan.num_rows:
             raise ValueError(f"{who}: the plan has {plan.num_rows} tokens, k has {k.shape[0]}")
-        k_pool.view(n * kv * bs, d).index_copy_(0, plan.write_rows, k.reshape(-1, d))  # (T * KV, D) rows
-        v_pool.view(n * kv * bs, d).index_copy_(0, plan.write_rows, v.reshape(-1, d))
+        plan.write_signature = _signature((k, v), k_pool, v_pool, (slots,), (type(block_size), block_size))
+        _write_planned(k_pool, v_pool, k, v, plan)
         return
     _check_slots(slots, k.shape[0], n, bs, who)
     if k.shape[0] == 0:
@@ -269,6 +273,23 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
     block, offset = slots // bs, slots % bs  # (T,), (T,)
     k_pool[block, :, offset] = k  # advanced indices on dims 0 and 2: the indexed pool is (T, KV, D)
     v_pool[block, :, offset] = v
+
+
+def _write_planned(k_pool, v_pool, k, v, plan: AttentionPlan) -> None:
+    d = k_pool.shape[-1]
+    k_pool.view(-1, d).index_copy_(0, plan.write_rows, k.reshape(-1, d))  # (T * KV, D) rows of (N * KV * bs, D)
+    v_pool.view(-1, d).index_copy_(0, plan.write_rows, v.reshape(-1, d))
+
+
+def _signature(xs: tuple, k_pool, v_pool, step: tuple, values: tuple) -> tuple | None:
+    """What a planned call's checks depend on, layer after layer: the shapes, dtypes and devices of ``xs`` (q, or
+    k and v) and of the pools, the pools' contiguity, the step's tensors ``step`` by identity (the plan holds
+    them, so no other tensor can take their id) and plain ``values``. A call whose signature equals the one
+    checked for the plan needs no new check; ``None``: not tensors, check in full."""
+    if not all(isinstance(x, torch.Tensor) for x in (*xs, k_pool, v_pool)):
+        return None
+    return (*((x.shape, x.dtype, x.device) for x in xs), k_pool.shape, v_pool.shape, k_pool.dtype, v_pool.dtype,
+            k_pool.device, v_pool.device, k_pool.is_contiguous(), v_pool.is_contiguous(), *map(id, step), *values)
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
@@ -283,11 +304,14 @@ def _online_update(state: tuple | None, s: torch.Tensor, v: torch.Tensor) -> tup
     if state is None:
         p = s.sub_(m_tile[..., None]).exp_()  # (B, KV, X, L)
         return m_tile, p.sum(-1), p @ v
-    m, denom, acc = state
+    m, denom, acc = state  # updated in place: the walk owns them
     m_new = torch.maximum(m, m_tile)  # (B, KV, X): finite, since the first tile holds key 0
     p = s.sub_(m_new[..., None]).exp_()  # (B, KV, X, L): masked keys give exp(-inf) = 0
-    alpha = torch.exp(m - m_new)  # (B, KV, X): 1 where the max did not change
-    return m_new, denom * alpha + p.sum(-1), acc * alpha[..., None] + p @ v
+    alpha = m.sub_(m_new).exp_()  # (B, KV, X): exp(m_old - m_new), 1 where the max did not change
+    denom.mul_(alpha).add_(p.sum(-1))
+    x, d = acc.shape[-2:]
+    acc.mul_(alpha[..., None]).view(-1, x, d).baddbmm_(p.view(-1, x, p.shape[-1]), v.view(-1, v.shape[-2], d))  # += p @ v
+    return m_new, denom, acc
 
 
 class _Tile:
@@ -368,6 +392,7 @@ class AttentionPlan:
         self.blocks_per_tile = blocks_per_tile
         self.groups = groups  # list[_Group]
         self.write_rows = write_rows  # (T * KV,) rows of the (N * KV * bs, D) pool view, or None (no slots)
+        self.attn_signature = self.write_signature = None  # what the first planned call checked (``_signature``)
 
     def __repr__(self) -> str:
         return (f"AttentionPlan({self.num_rows} rows, {len(self.groups)} groups, "
@@ -497,10 +522,13 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     else:
         if not isinstance(plan, AttentionPlan):
             raise TypeError(f"{who}: plan must be an AttentionPlan (from plan_attention), got {type(plan).__name__}")
-        _check_q_and_pools(q, k_pool, v_pool, scale, who)
-        plan.check(who, k_pool, block_tables, seq_idx, limits, blocks_per_tile)
-        if q.shape[0] != plan.num_rows:
-            raise ValueError(f"{who}: the plan has {plan.num_rows} query rows, q has {q.shape[0]}")
+        sig = _signature((q,), k_pool, v_pool, (block_tables, seq_idx, limits), (type(scale), scale, type(blocks_per_tile), blocks_per_tile))
+        if sig is None or sig != plan.attn_signature:  # every layer of a step passes the same: checked once
+            _check_q_and_pools(q, k_pool, v_pool, scale, who)
+            plan.check(who, k_pool, block_tables, seq_idx, limits, blocks_per_tile)
+            if q.shape[0] != plan.num_rows:
+                raise ValueError(f"{who}: the plan has {plan.num_rows} query rows, q has {q.shape[0]}")
+            plan.attn_signature = sig
     return _attend(plan, q, k_pool, v_pool, scale)
 
 
@@ -539,24 +567,39 @@ def _walk(qg: torch.Tensor, grp: _Group, pools: tuple) -> torch.Tensor:
     Returns (B, KV, R * G, D).
     """
     b, kv, rg, d = qg.shape
-    r = grp.r
-    out = torch.empty_like(qg)
+    r, tiles = grp.r, grp.tiles
+    to_fp32 = pools[0].dtype != torch.float32
+    q3 = qg.reshape(b * kv, rg, d)  # (B * KV, R * G, D): one small matrix product per (query tile, KV head)
+    if len(tiles) == 1:  # one key tile holds every key: the online softmax is a plain softmax over it
+        tile = tiles[0]
+        k, v = (pool.index_select(0, tile.ids).view(b * kv, tile.length, d) for pool in pools)  # (B * KV, L, D)
+        if to_fp32:
+            k, v = k.float(), v.float()
+        s = torch.bmm(q3, k.transpose(1, 2))  # (B * KV, R * G, L)
+        if tile.mask is not None:
+            s.view(b, kv, r, rg // r, tile.length).masked_fill_(tile.mask, float("-inf"))
+        return torch.bmm(torch.softmax(s, dim=-1), v).view(b, kv, rg, d)  # (B, KV, R * G, D)
+    out = None if tiles[-1].active == b else qg.new_empty(b * kv, rg, d)  # None: every query tile reads the last
     state, active = None, b
-    for tile in grp.tiles:
+    for tile in tiles:
         now, length = tile.active, tile.length
         if now < active:  # the rest have ended: their result is final
             m, denom, acc = state
-            out[now:active] = acc[now:] / denom[now:, ..., None]
-            state, active = (m[:now], denom[:now], acc[:now]), now
-        k = pools[0].index_select(0, tile.ids).view(active, kv, length, d).float()  # (B', KV, L, D) fp32
-        v = pools[1].index_select(0, tile.ids).view(active, kv, length, d).float()
-        s = qg[:active] @ k.transpose(-1, -2)  # (B', KV, R * G, L)
+            out[now * kv:active * kv] = acc[now * kv:] / denom[now * kv:, :, None]
+            state, active = (m[:now * kv], denom[:now * kv], acc[:now * kv]), now
+        k = pools[0].index_select(0, tile.ids).view(active * kv, length, d)  # (B' * KV, L, D)
+        v = pools[1].index_select(0, tile.ids).view(active * kv, length, d)
+        if to_fp32:
+            k, v = k.float(), v.float()
+        s = torch.bmm(q3[:active * kv], k.transpose(1, 2))  # (B' * KV, R * G, L)
         if tile.mask is not None:
             s.view(active, kv, r, rg // r, length).masked_fill_(tile.mask, float("-inf"))
         state = _online_update(state, s, v)
     _, denom, acc = state
-    out[:active] = acc / denom[..., None]
-    return out  # (B, KV, R * G, D)
+    if out is None:
+        return (acc / denom[:, :, None]).view(b, kv, rg, d)  # (B, KV, R * G, D)
+    out[:active * kv] = acc / denom[:, :, None]
+    return out.view(b, kv, rg, d)  # (B, KV, R * G, D)
 
 
 def gather_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,

@@ -107,15 +107,15 @@ class ModelRunner:
                                   slots=slots if own_write else None)
         attn_kw = {"plan": plan} if own_attn else {}
         write_kw = {"plan": plan} if own_write else {}
-        for i, blk in enumerate(self.blocks):
+        for blk, k_pool, v_pool in zip(self.blocks, self.k_pool, self.v_pool, strict=True):  # pools (N, KV, bs, D)
             h = rms_norm(x, blk.attn_norm, self.eps)
             qkv = F.linear(h, blk.wqkv, blk.bqkv)  # (T, (H + 2KV) D)
             qk = qkv[:, : (nh + nkv) * d].view(t, nh + nkv, d)  # (T, H + KV, D)
             qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
             q, k = qk[:, :nh], qk[:, nh:]  # (T, H, D), (T, KV, D)
             v = qkv[:, (nh + nkv) * d:].view(t, nkv, d)  # (T, KV, D)
-            self.write_kv(self.k_pool[i], self.v_pool[i], k, v, slots, self.block_size, **write_kw)
-            y = self.attention(q, self.k_pool[i], self.v_pool[i], block_tables, seq_idx, limits, self.scale,
+            self.write_kv(k_pool, v_pool, k, v, slots, self.block_size, **write_kw)
+            y = self.attention(q, k_pool, v_pool, block_tables, seq_idx, limits, self.scale,
                                blocks_per_tile=self.blocks_per_tile, **attn_kw)  # (T, H, D)
             x = x + F.linear(y.reshape(t, nh * d), blk.wo, blk.bo)  # (T, C)
             h = rms_norm(x, blk.mlp_norm, self.eps)
