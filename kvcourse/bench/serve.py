@@ -281,9 +281,22 @@ def environment() -> dict:
     except OSError:
         pass
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "git_commit": _git("rev-parse", "--short", "HEAD"),
+            "engine_uncommitted": bool(_git("status", "--porcelain", "--", "kvcourse/serve")),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(), "dtype": "float32",
             "load_average_at_start": _load()}
+
+
+def _git(*args: str) -> str | None:
+    """``git args`` in the package's checkout (the commit the engine ran from), or None outside one."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _load() -> list[float] | None:
@@ -297,7 +310,9 @@ def markdown(report: dict) -> str:
     env, plan = report["environment"], report["plan"]
     lines = ["# Serving benchmark (issue 23)", "",
              f"{env['date']}, {env['cpu']}, {env['torch_threads']} torch threads, float32, torch {env['torch']}, "
-             f"transformers {env['transformers']}, preset {plan['preset']}. Load average at start "
+             f"transformers {env['transformers']}, preset {plan['preset']}, commit {env.get('git_commit')}"
+             f"{' (kvcourse/serve with uncommitted changes)' if env.get('engine_uncommitted') else ''}. "
+             f"Load average at start "
              f"{env['load_average_at_start']}, at end {env.get('load_average_at_end')}. One timed run per system "
              f"after an untimed warm-up; a loaded machine slows and spreads every figure.", "",
              f"Workload spec: `{plan['spec']}`. KV budget: {plan['budget']}.", ""]
@@ -317,7 +332,7 @@ def markdown(report: dict) -> str:
             if bad:
                 lines.append(f"Token mismatches, {name}: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
         if m["overhead"]:
-            lines += ["", "Engine step vs fast-path decode step (median seconds per step):", "",
+            lines += ["", "Engine step vs fast-path decode step (median milliseconds per step, the three timed in turn):", "",
                       overhead_table(m["overhead"]), ""]
         if m["sweep"]:
             lines += ["Chunked-prefill sweep (the engine, same workload):", "", sweep_table(m["sweep"]), ""]
