@@ -121,12 +121,15 @@ def latency_histograms(outputs: Mapping, *, axes=None, bins: int = 20):
     tpot = [1e3 * g for o in outs for g in o.inter_token_times]
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(10, 3))
-    axes[0].hist(ttft, bins=bins, color="tab:orange")
-    axes[0].set_xlabel("time to first token (ms)")
-    axes[1].hist(tpot, bins=bins, color="tab:blue")
-    axes[1].set_xlabel("time per output token (ms)")
-    for a in axes:
-        a.set_ylabel("count")
+    for ax, values, color, label in ((axes[0], ttft, "tab:orange", "time to first token (ms)"),
+                                     (axes[1], tpot, "tab:blue", "time per output token (ms)")):
+        ax.hist(values, bins=bins, color=color)
+        ax.set_xlabel(label)
+        ax.set_ylabel("count")
+        if values:
+            for q, style in ((50, "-"), (95, "--")):
+                ax.axvline(percentile(values, q), color="black", linestyle=style, linewidth=1, label=f"p{q}")
+            ax.legend(fontsize=8)
     return axes
 
 
