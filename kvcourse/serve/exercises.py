@@ -1,5 +1,6 @@
 """Grading plumbing for notebook 09 (the serving engine): workloads, the oracle, hooks that run the engine on a
-learner's answer, and recognisers for the likely mistakes, so the notebook's test cells stay short.
+learner's answer, and recognisers for the likely mistakes, so the notebook's test cells stay short; and
+``static_run``, notebook 06's static batching as the baseline of the notebook's first section.
 
 Nothing here is an answer to an exercise. The references the graders compare with are the package's own
 (``attention.slot_mapping``, ``attention.gather_attention``, ``block_manager.block_hash``, ``Scheduler``);
@@ -9,7 +10,7 @@ result equals it (a hint only from a check that recognised the mistake).
 
 from __future__ import annotations
 
-import copy
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from .scheduler import ScheduledBatch, Scheduler
 
 __all__ = ["Spec", "workload", "shared_prefix_workload", "oracle", "run_engine", "token_mismatch",
            "slot_variants", "ragged_case", "attention_variant", "attention_hint", "largest_tensor",
-           "ChunkedScheduler", "lockstep", "use_prefix_lookup", "reference_lookup", "counted"]
+           "ChunkedScheduler", "lockstep", "use_prefix_lookup", "reference_lookup", "counted", "static_run"]
 
 
 # ---- workloads and the oracle ------------------------------------------------------------------------------------
@@ -470,10 +471,6 @@ def use_prefix_lookup(engine: Engine, lookup: Callable) -> None:
     bm.can_admit = can_admit  # an attribute of this engine's block manager only
 
 
-def copy_specs(specs: Sequence[Spec]) -> list[Spec]:
-    return copy.deepcopy(list(specs))
-
-
 # ---- section 0: the static-batching baseline ---------------------------------------------------------------------
 def static_run(model, specs: Sequence[Spec], kv_tokens: int, max_num_seqs: int) -> dict:
     """Serve ``specs`` (all arrived at time 0) as notebook 06 does: left-padded batches in arrival order, each run
@@ -481,8 +478,6 @@ def static_run(model, specs: Sequence[Spec], kv_tokens: int, max_num_seqs: int) 
     slots, which must fit ``kv_tokens``; at most ``max_num_seqs`` rows. Returns per request its first-token and
     finish times (seconds after the start), the batch sizes, the wall time, and the decode rows computed for
     requests that had already finished (wasted)."""
-    import time
-
     t0 = time.perf_counter()
     ttft, finish, batches, wasted, i = {}, {}, [], 0, 0
     while i < len(specs):
