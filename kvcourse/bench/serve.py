@@ -1,8 +1,9 @@
 """The serving benchmark (issue 23): the course engine against static batching and ``transformers``' continuous
 batching, on one seeded workload and one KV budget.
 
-    python -m kvcourse.bench.serve            # full: bundled + SmolLM2-135M shape, about 10 minutes on 2 CPU cores
-    python -m kvcourse.bench.serve --quick    # under 2 minutes: a 16-request workload, SmolLM2-135M cut to 2 layers
+    python -m kvcourse.bench.serve            # full: bundled + SmolLM2-135M shape, about 16 minutes on a loaded
+                                              # 2-core machine with 1 torch thread (docs/bench/serve.md)
+    python -m kvcourse.bench.serve --quick    # a 16-request workload, SmolLM2-135M cut to 2 layers: 72-103 s
     python -m kvcourse.bench --serve [--quick]   # the same, from the main benchmark's command line
 
 For each model (``kvcourse.bench.plan``: the bundled model, and the SmolLM2-135M shape with random weights):
