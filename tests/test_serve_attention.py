@@ -7,7 +7,11 @@ accumulates in bf16), a tile that reads past a row's limit (or a padded table id
 KV head, a whole sequence gathered at once (or once per row of a prefill chunk), rows of a chunk read through the
 table of its shortest row, short rows that keep reading a long row's tiles, the block offset taken as
 ``pos // bs``, a write that lands in the wrong slot or half-writes a refused call, and bad input that surfaces as
-a raw torch error. Times are measured by ``benchmark()`` and reported, never asserted."""
+a raw torch error. The step's plan (``plan_attention``, built once per step for every layer): a planned call that
+differs from the checked one, a scratch buffer that a later layer overwrites under an earlier layer's result, a
+plan used with another step's tensors or pool, a planned call that stops checking what changed, and a model
+runner that hands a plan to a learner's function that takes none. Times are measured by ``benchmark()`` and
+reported, never asserted."""
 
 from __future__ import annotations
 
@@ -17,7 +21,15 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvcourse.serve import attention as A
-from kvcourse.serve.attention import attention_bytes, gather_attention, paged_attention, slot_mapping, write_kv
+from kvcourse.serve.attention import (
+    AttentionPlan,
+    attention_bytes,
+    gather_attention,
+    paged_attention,
+    plan_attention,
+    slot_mapping,
+    write_kv,
+)
 
 FUNCS = [paged_attention, gather_attention]
 
@@ -421,3 +433,174 @@ def test_benchmark_times_every_tile_size_and_the_gather():
     """A smoke run on a tiny step (no assertion on the times: the machine is shared)."""
     res = A.benchmark(4, 40, prefill=8, tiles=(1, 2), repeats=1, calls=1)
     assert set(res) == {"walk P=1", "walk P=2", "gather"} and all(v > 0 for v in res.values())
+
+
+# ---- the step's plan (built once per step, used by every layer) -----------------------------------------------------
+def _plan_for(step: dict, blocks_per_tile: int, slots=None) -> AttentionPlan:
+    n, kv, bs, _ = step["k_pool"].shape
+    return plan_attention(step["block_tables"], step["seq_idx"], step["limits"], num_blocks=n, kv_heads=kv,
+                          block_size=bs, blocks_per_tile=blocks_per_tile, slots=slots)
+
+
+@pytest.mark.parametrize("blocks_per_tile", [1, 2, 3, 16])
+@pytest.mark.parametrize("seqs", [MIXED, DECODE, [(300, 1), (17, 1), (256, 1), (120, 40), (16, 1)]],
+                         ids=["mixed", "decode", "engine-sized"])
+def test_planned_call_equals_the_checked_call(blocks_per_tile, seqs):
+    """Same rows, same tiles, same order of operations: the planned walk gives the very same floats."""
+    step, dk, dv = ragged_step(20, seqs)
+    plan = _plan_for(step, blocks_per_tile)
+    want = paged_attention(**step, blocks_per_tile=blocks_per_tile)
+    got = paged_attention(**step, blocks_per_tile=blocks_per_tile, plan=plan)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got, oracle(step, dk, dv), atol=1e-5, rtol=0)
+
+
+def test_planned_call_on_shuffled_rows_equals_the_oracle():
+    step, dk, dv = ragged_step(21, MIXED)
+    perm = torch.randperm(len(step["limits"]), generator=torch.Generator().manual_seed(1))
+    shuffled = {**step, "q": step["q"][perm], "seq_idx": step["seq_idx"][perm], "limits": step["limits"][perm]}
+    for p in (1, 2, 16):
+        out = paged_attention(**shuffled, blocks_per_tile=p, plan=_plan_for(shuffled, p))
+        torch.testing.assert_close(out, oracle(step, dk, dv)[perm], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("blocks_per_tile", [2, 16], ids=["several tiles", "one tile"])
+@pytest.mark.parametrize("seqs", [MIXED, DECODE, sorted(DECODE, reverse=True)],
+                         ids=["mixed", "decode", "decode longest first"])
+def test_a_later_layer_never_overwrites_an_earlier_layers_result(seqs, blocks_per_tile):
+    """Layers share the plan's scratch buffers; each result must stay what it was after the next layer ran.
+    Decode rows already longest first (the engine's steady batch) are walked in place: no copy hides a shared
+    buffer there."""
+    step, dk, dv = ragged_step(22, seqs)
+    p = blocks_per_tile
+    plan = _plan_for(step, p)
+    first = paged_attention(**step, blocks_per_tile=p, plan=plan)
+    kept = first.clone()
+    other = {**step, "q": torch.randn_like(step["q"]), "k_pool": step["k_pool"].flip(0).contiguous()}
+    second = paged_attention(**other, blocks_per_tile=p, plan=plan)  # another layer: other q, other pool
+    assert torch.equal(first, kept), "the second layer's call changed the first layer's output"
+    assert torch.equal(second, paged_attention(**other, blocks_per_tile=p))
+    torch.testing.assert_close(first, oracle(step, dk, dv), atol=1e-5, rtol=0)
+
+
+PLAN_MISMATCH = [
+    ("limits", lambda s: {"limits": s["limits"].clone()}, ValueError, "plan was built for other limits"),
+    ("seq_idx", lambda s: {"seq_idx": s["seq_idx"].clone()}, ValueError, "plan was built for other seq_idx"),
+    ("tables", lambda s: {"block_tables": s["block_tables"].clone()}, ValueError, "plan was built for other block_tables"),
+    ("pool", lambda s: {"k_pool": s["k_pool"][:-1].contiguous(), "v_pool": s["v_pool"][:-1].contiguous()},
+     ValueError, r"plan was built for a pool of \(num_blocks, kv_heads, block_size\)"),
+    ("tile", lambda s: {"blocks_per_tile": 3}, ValueError, "plan was built for blocks_per_tile=2"),
+    ("not a plan", lambda s: {"plan": "plan"}, TypeError, "plan must be an AttentionPlan"),
+    ("q dtype", lambda s: {"q": s["q"].double()}, ValueError, "q and the pools must have the same dtype"),
+    ("q heads", lambda s: {"q": s["q"][:, :5]}, ValueError, "multiple of the KV heads"),
+]
+
+
+@pytest.mark.parametrize("name,change,err,match", PLAN_MISMATCH, ids=[m[0] for m in PLAN_MISMATCH])
+def test_plan_used_with_another_steps_tensors_or_a_changed_q_is_refused(name, change, err, match):
+    """A first planned call passes (and is remembered); a later one that differs in anything is checked again."""
+    step, _, _ = ragged_step(23, MIXED)
+    plan = _plan_for(step, 2)
+    paged_attention(**step, blocks_per_tile=2, plan=plan)
+    with pytest.raises(err, match=match):
+        paged_attention(**{**step, "blocks_per_tile": 2, "plan": plan, **change(step)})
+
+
+PLAN_BAD = [b for b in BAD if b[0] in ("float table", "limit 0", "limit > capacity", "seq_idx range", "seq_idx float",
+                                      "limits rows", "pad in use", "id past pool", "no tables", "tile")]
+
+
+@pytest.mark.parametrize("name,change,err,match", PLAN_BAD, ids=[b[0] for b in PLAN_BAD])
+def test_plan_attention_refuses_a_bad_step_by_name(name, change, err, match):
+    step, _, _ = ragged_step(13, MIXED)
+    bad = {**step, "blocks_per_tile": 2, **change(step)}
+    n, kv, bs, _ = bad["k_pool"].shape
+    with pytest.raises(err, match=match):
+        plan_attention(bad["block_tables"], bad["seq_idx"], bad["limits"], num_blocks=n, kv_heads=kv, block_size=bs,
+                       blocks_per_tile=bad["blocks_per_tile"])
+
+
+def _write_case():
+    step, _, _ = ragged_step(24, MIXED, spare_blocks=6)
+    positions = step["limits"] - 1
+    slots = slot_mapping(positions, step["block_tables"], step["seq_idx"], 4)
+    t = len(slots)
+    fused = torch.randn(t, 6 + 4, 32)  # k and v as non-contiguous slices of one projection, as the runner has them
+    return step, slots, fused[:, 6:8], fused[:, 8:10]
+
+
+def test_planned_write_equals_the_checked_write():
+    step, slots, k, v = _write_case()
+    plan = _plan_for(step, 2, slots=slots)
+    pools = [(step["k_pool"].clone(), step["v_pool"].clone()) for _ in range(2)]
+    write_kv(*pools[0], k, v, slots, 4)
+    for _ in range(2):  # the second call takes the checked-once path
+        write_kv(*pools[1], k, v, slots, 4, plan=plan)
+    assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
+    assert not torch.equal(pools[0][0], step["k_pool"]), "nothing was written"
+
+
+@pytest.mark.parametrize("case", ["no slots in plan", "other slots", "k dtype", "rows"])
+def test_planned_write_refuses_a_mismatch_and_writes_nothing(case):
+    step, slots, k, v = _write_case()
+    plan = _plan_for(step, 2, slots=slots)
+    k_pool, v_pool = step["k_pool"].clone(), step["v_pool"].clone()
+    write_kv(k_pool, v_pool, k, v, slots, 4, plan=plan)  # remembered as checked
+    before = k_pool.clone(), v_pool.clone()
+    err, match, args = ValueError, None, dict(k=k, v=v, slots=slots, plan=plan)
+    if case == "no slots in plan":
+        err, match, args["plan"] = TypeError, "built with the step's slots", _plan_for(step, 2)
+    elif case == "other slots":
+        match, args["slots"] = "plan was built for other slots", slots.clone()
+    elif case == "k dtype":
+        match, args["k"] = "k and v must have the pool's dtype", k.double()
+    else:
+        match, args["k"], args["v"] = "the plan has 24 tokens", k[:-1], v[:-1]
+    with pytest.raises(err, match=match):
+        write_kv(k_pool, v_pool, args["k"], args["v"], args["slots"], 4, plan=args["plan"])
+    assert torch.equal(k_pool, before[0]) and torch.equal(v_pool, before[1]), "a refused write changed the pool"
+
+
+def test_plan_attention_refuses_a_slot_written_twice():
+    step, slots, _, _ = _write_case()
+    slots = slots.clone()
+    slots[1] = slots[0]
+    with pytest.raises(ValueError, match="each token needs its own slot"):
+        _plan_for(step, 2, slots=slots)
+
+
+def test_model_runner_gives_no_plan_to_a_learners_attention(monkeypatch):
+    """Notebook 09 plugs in a function with paged_attention's public signature and no ``plan``: the engine must
+    call it without one, and its tokens must be the package's. The package's own function does get the plan
+    (``AttentionPlan.check`` runs only on a planned call)."""
+    from kvcourse import Llama, load_model
+    from kvcourse.serve import Engine, Request
+
+    hf, _ = load_model(device="cpu")
+    model = Llama.from_hf(hf)
+    calls = {"learner": 0, "planned": 0}
+
+    def learners(q, k_pool, v_pool, block_tables, seq_idx, limits, scale, blocks_per_tile=1):
+        calls["learner"] += 1
+        return gather_attention(q, k_pool, v_pool, block_tables, seq_idx, limits, scale)
+
+    check = AttentionPlan.check
+
+    def counting_check(self, who, *args, **kwargs):
+        calls["planned"] += who == "paged_attention"
+        return check(self, who, *args, **kwargs)
+
+    monkeypatch.setattr(AttentionPlan, "check", counting_check)
+
+    def run(attention=None):
+        eng = Engine(model, num_blocks=40, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+        if attention is not None:
+            eng.runner.attention = attention
+        reqs = [Request(f"r{i}", [(7 * i + j) % 500 + 1 for j in range(5 + 3 * i)], 6) for i in range(4)]
+        return {rid: o.tokens for rid, o in eng.run(reqs).items()}
+
+    own = run()
+    assert calls["planned"] > 0, "the runner never passed its plan to the package's own attention"
+    calls["planned"] = 0
+    assert run(learners) == own and calls["learner"] > 0
+    assert calls["planned"] == 0

@@ -56,13 +56,17 @@ import torch.nn.functional as F
 __all__ = ["slot_mapping", "write_kv", "paged_attention", "plan_attention", "AttentionPlan", "gather_attention",
            "attention_bytes", "benchmark", "DEFAULT_BLOCKS_PER_TILE"]
 
-# 8 blocks (128 tokens at bs 16) a tile. ``benchmark()`` on the bundled model's dims (H=6, KV=2, D=32), bs 16, fp32,
-# one thread of a shared 2-core machine, median CPU time per call, ranges over 3-4 runs (issue 23's report):
-# - 32 decode rows x 256 keys: P=1 2.2 ms, P=4 1.1-1.3, P=8 1.0-1.4, P=16 0.8-1.0; gather_attention 1.0-1.2;
-# - a 256-row prefill chunk (positions 0..255): P=4 2.2, P=8 2.3, P=16 2.7; gather_attention 11-37 ms.
-# Small tiles pay per-tile overhead (the Python loop), large ones read masked keys; the engine end to end (32
-# requests x 128 tokens, bundled model) ran within noise at P=8 and P=16.
-DEFAULT_BLOCKS_PER_TILE = 8
+# 16 blocks (256 tokens at bs 16) a tile; vLLM's paged_attention_v2 partitions are 512 tokens. ``benchmark()`` on the
+# bundled model's dims (H=6, KV=2, D=32), bs 16, fp32, one thread of a shared 2-core machine (load 3-5), median CPU
+# time per call, after the step's plan (AttentionPlan) and the single-tile softmax landed:
+# - decode rows x keys: 32 x 256: P=8 1.1 ms, P=16 0.74; 16 x 512: P=8 1.35, P=16 1.2, P=32 0.86; 32 x 512:
+#   P=8 3.3, P=16 2.3, P=32 1.9;
+# - a 256-row prefill chunk: P=8 3.1 ms, P=16 2.5; 16 decode rows x 512 beside a 64-row chunk: P=8 3.2, P=16 2.4.
+# Each tile costs a fixed number of ops (the Python loop), so decode prefers few tiles; the engine's decode step at
+# contexts <= 256 reads one tile. Engine step / static decode step (one sitting, interleaved, B = 4/16/32 at
+# context 128): P=8 1.56/1.42/1.31, P=16 1.35/1.26/1.22. The earlier choice of 8 (per-call planning, per-layer
+# checks) measured P=16 0.8-1.0 ms and P=8 1.0-1.4 for 32 x 256 decode, P=8 2.3 / P=16 2.7 for the 256 chunk.
+DEFAULT_BLOCKS_PER_TILE = 16
 # rows of one sequence that share each key tile: a prefill chunk is cut into query tiles of at most this many rows
 QUERY_TILE = 64
 
@@ -106,9 +110,9 @@ def _check_rows(name: str, x, t: int, who: str) -> None:
 def _check_seq_idx(seq_idx: torch.Tensor, num_seqs: int, who: str) -> None:
     if num_seqs == 0:
         raise IndexError(f"{who}: block_tables has no rows, so no seq_idx can index it; got {seq_idx.numel()} rows")
-    bad = (seq_idx < 0) | (seq_idx >= num_seqs)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
+    lo, hi = torch.aminmax(seq_idx)  # one pass, one host read: the common case has nothing to report
+    if int(lo) < 0 or int(hi) >= num_seqs:
+        i = int(((seq_idx < 0) | (seq_idx >= num_seqs)).nonzero()[0, 0])
         raise IndexError(f"{who}: seq_idx must index a row of block_tables, 0..{num_seqs - 1}; row {i} has "
                          f"seq_idx {int(seq_idx[i])}")
 
@@ -162,7 +166,8 @@ def _check_step(block_tables, seq_idx, limits, t: int, block_size: int, who: str
         return
     _check_seq_idx(seq_idx, block_tables.shape[0], who)
     capacity = block_tables.shape[1] * block_size
-    lo, hi = int(limits.min()), int(limits.max())
+    lo, hi = torch.aminmax(limits)
+    lo, hi = int(lo), int(hi)
     if lo < 1:
         i = int((limits < 1).nonzero()[0, 0])
         raise ValueError(f"{who}: limits must be >= 1 (row t sees keys 0..limits[t]-1, and sees at least itself); "
@@ -223,7 +228,8 @@ def _check_slots(slots, t: int, num_blocks: int, block_size: int, who: str) -> N
         i = int(bad.nonzero()[0, 0])
         raise IndexError(f"{who}: slots must be in 0..{n * bs - 1} ({n} blocks x {bs}); token {i} has slot "
                          f"{int(slots[i])}")
-    if slots.unique().numel() != slots.numel():
+    srt = torch.sort(slots).values  # (T,) a slot written twice sits next to itself
+    if t > 1 and bool((srt[1:] == srt[:-1]).any()):
         s, c = slots.unique(return_counts=True)
         raise ValueError(f"{who}: each token needs its own slot; slot {int(s[c > 1][0])} is written by "
                          f"{int(c[c > 1][0])} tokens of this call")
@@ -338,7 +344,11 @@ class _Group:
     def __init__(self, take: torch.Tensor | None, lim: torch.Tensor, tbl: torch.Tensor, t: int, kv: int, bs: int,
                  p_tile: int):
         b, r = lim.shape
-        tops, lows = lim.amax(1).tolist(), lim.amin(1).tolist()  # the longest and shortest row of each query tile
+        if r == 1:  # one row a query tile (decode rows): its limit is both
+            tops = lim[:, 0].tolist()
+            lows = list(tops)
+        else:
+            tops, lows = lim.amax(1).tolist(), lim.amin(1).tolist()  # the longest and shortest row of each
         order = sorted(range(b), key=tops.__getitem__, reverse=True)  # longest first: the active are a prefix
         if order != list(range(b)):
             perm = torch.tensor(order, device=lim.device)
@@ -393,6 +403,17 @@ class AttentionPlan:
         self.groups = groups  # list[_Group]
         self.write_rows = write_rows  # (T * KV,) rows of the (N * KV * bs, D) pool view, or None (no slots)
         self.attn_signature = self.write_signature = None  # what the first planned call checked (``_signature``)
+        self.scratch: dict[str, torch.Tensor] = {}  # buffers the walk's temporaries reuse, layer after layer
+
+    def buffer(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A scratch tensor of ``shape`` (contents undefined), reused by every layer: the walk's key and value
+        tiles and scores are the same sizes in every layer, and fresh allocations of that size cost page faults."""
+        numel = math.prod(shape)
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.scratch[name] = torch.empty(max(numel, buf.numel() if buf is not None else 0), dtype=like.dtype,
+                                                   device=like.device)
+        return buf[:numel].view(shape)
 
     def __repr__(self) -> str:
         return (f"AttentionPlan({self.num_rows} rows, {len(self.groups)} groups, "
@@ -440,10 +461,11 @@ def _plan(block_tables, seq_idx, limits, slots, num_blocks, kv_heads, block_size
     if slots is not None:
         _check_slots(slots, t, n, bs, who)
         slots = slots.long()
-        heads = torch.arange(kv, device=slots.device)
-        # token t's head j goes to row (block * KV + j) * bs + offset of the (N * KV * bs, D) pool view
-        write_rows = (((slots // bs) * kv)[:, None] + heads[None, :]) * bs + (slots % bs)[:, None]  # (T, KV)
-        write_rows = write_rows.reshape(-1)  # (T * KV,)
+        # token t's head j goes to row (block * KV + j) * bs + offset = slot + block * (KV - 1) * bs + j * bs of the
+        # (N * KV * bs, D) pool view
+        block = torch.floor_divide(slots, bs)  # (T,)
+        heads = torch.arange(0, kv * bs, bs, device=slots.device)  # (KV,) j * bs
+        write_rows = (torch.add(slots, block, alpha=(kv - 1) * bs)[:, None] + heads).reshape(-1)  # (T * KV,)
     groups = []
     if t:
         seq, lim = seq_idx.long(), limits.long()
@@ -544,14 +566,14 @@ def _attend(plan: AttentionPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: 
     pools = k_pool.view(n * kv, bs * d), v_pool.view(n * kv, bs * d)  # one row per (block, kv head)
     groups = plan.groups
     if len(groups) == 1 and groups[0].take is None:  # a decode step in walk order: no gather, no scatter
-        return _walk(qf.view(t, kv, g, d), groups[0], pools).view(t, h, d).to(q.dtype)  # (T, H, D)
+        return _walk(qf.view(t, kv, g, d), groups[0], pools, plan).view(t, h, d).to(q.dtype)  # (T, H, D)
     if any(grp.put_from is not None for grp in groups):
         qf = torch.cat([qf, qf.new_zeros(1, h, d)])  # (T + 1, H, D): row T, zeros, for padding places
     out = torch.empty(t, h, d, dtype=torch.float32, device=q.device)
     for grp in groups:
         b, r = grp.b, grp.r
         qg = qf.index_select(0, grp.take).view(b, r, kv, g, d).transpose(1, 2).reshape(b, kv, r * g, d)
-        og = _walk(qg, grp, pools)  # (B, KV, R * G, D)
+        og = _walk(qg, grp, pools, plan)  # (B, KV, R * G, D)
         og = og.view(b, kv, r, g, d).transpose(1, 2).reshape(b * r, h, d)  # (B * R, H, D)
         if grp.put_from is None:
             out.index_copy_(0, grp.put_rows, og)
@@ -560,7 +582,7 @@ def _attend(plan: AttentionPlan, q: torch.Tensor, k_pool: torch.Tensor, v_pool: 
     return out.to(q.dtype)  # (T, H, D)
 
 
-def _walk(qg: torch.Tensor, grp: _Group, pools: tuple) -> torch.Tensor:
+def _walk(qg: torch.Tensor, grp: _Group, pools: tuple, plan: AttentionPlan) -> torch.Tensor:
     """The block walk of one group: B query tiles of R rows each, one sequence per query tile, longest first.
 
     qg (B, KV, R * G, D) scaled fp32 queries, rows then heads; pools: K and V as (N * KV, bs * D).
@@ -572,10 +594,10 @@ def _walk(qg: torch.Tensor, grp: _Group, pools: tuple) -> torch.Tensor:
     q3 = qg.reshape(b * kv, rg, d)  # (B * KV, R * G, D): one small matrix product per (query tile, KV head)
     if len(tiles) == 1:  # one key tile holds every key: the online softmax is a plain softmax over it
         tile = tiles[0]
-        k, v = (pool.index_select(0, tile.ids).view(b * kv, tile.length, d) for pool in pools)  # (B * KV, L, D)
+        k, v = (_gather(pool, tile, plan, name) for pool, name in zip(pools, "kv", strict=True))  # (B * KV, L, D)
         if to_fp32:
             k, v = k.float(), v.float()
-        s = torch.bmm(q3, k.transpose(1, 2))  # (B * KV, R * G, L)
+        s = torch.bmm(q3, k.transpose(1, 2), out=plan.buffer("s", (b * kv, rg, tile.length), q3))  # (B*KV, R*G, L)
         if tile.mask is not None:
             s.view(b, kv, r, rg // r, tile.length).masked_fill_(tile.mask, float("-inf"))
         return torch.bmm(torch.softmax(s, dim=-1), v).view(b, kv, rg, d)  # (B, KV, R * G, D)
@@ -587,11 +609,11 @@ def _walk(qg: torch.Tensor, grp: _Group, pools: tuple) -> torch.Tensor:
             m, denom, acc = state
             out[now * kv:active * kv] = acc[now * kv:] / denom[now * kv:, :, None]
             state, active = (m[:now * kv], denom[:now * kv], acc[:now * kv]), now
-        k = pools[0].index_select(0, tile.ids).view(active * kv, length, d)  # (B' * KV, L, D)
-        v = pools[1].index_select(0, tile.ids).view(active * kv, length, d)
+        k, v = _gather(pools[0], tile, plan, "k"), _gather(pools[1], tile, plan, "v")  # (B' * KV, L, D)
         if to_fp32:
             k, v = k.float(), v.float()
-        s = torch.bmm(q3[:active * kv], k.transpose(1, 2))  # (B' * KV, R * G, L)
+        s = torch.bmm(q3[:active * kv], k.transpose(1, 2),
+                      out=plan.buffer("s", (active * kv, rg, length), q3))  # (B' * KV, R * G, L)
         if tile.mask is not None:
             s.view(active, kv, r, rg // r, length).masked_fill_(tile.mask, float("-inf"))
         state = _online_update(state, s, v)
@@ -600,6 +622,13 @@ def _walk(qg: torch.Tensor, grp: _Group, pools: tuple) -> torch.Tensor:
         return (acc / denom[:, :, None]).view(b, kv, rg, d)  # (B, KV, R * G, D)
     out[:active * kv] = acc / denom[:, :, None]
     return out.view(b, kv, rg, d)  # (B, KV, R * G, D)
+
+
+def _gather(pool: torch.Tensor, tile: _Tile, plan: AttentionPlan, name: str) -> torch.Tensor:
+    """One key tile's rows of a (N * KV, bs * D) pool view, into the plan's scratch buffer: (B' * KV, L, D)."""
+    rows, width = tile.ids.numel(), pool.shape[1]
+    out = torch.index_select(pool, 0, tile.ids, out=plan.buffer(name, (rows, width), pool))  # (B' * KV * P, bs * D)
+    return out.view(tile.active * plan.kv_heads, tile.length, -1)
 
 
 def gather_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
