@@ -18,9 +18,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..generate import generate
+from .block_manager import prefix_lookup
 from .engine import Engine
-from .request import Request, RequestOutput, SamplingParams, Status
-from .scheduler import ScheduledBatch, Scheduler
+from .request import Request, RequestOutput, SamplingParams
+from .scheduler import Scheduler
 
 __all__ = ["Spec", "workload", "shared_prefix_workload", "oracle", "run_engine", "token_mismatch",
            "slot_variants", "ragged_case", "attention_variant", "attention_hint", "largest_tensor",
@@ -296,49 +297,8 @@ class ChunkedScheduler(Scheduler):
                              f"budget left {budget})")
         return n
 
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
-        for req in list(self.running):
-            if budget <= 0:
-                break
-            if req.status is not Status.RUNNING:
-                continue
-            n = self._n(req, budget)
-            copies = self.blocks.prepare_write(req, req.num_computed_tokens + n)
-            while copies is None:
-                victim = self.running[-1]
-                self._preempt(victim, batch)
-                if victim is req:
-                    break
-                copies = self.blocks.prepare_write(req, req.num_computed_tokens + n)
-            if req.status is not Status.RUNNING:
-                continue
-            batch.copies += copies
-            batch.items.append((req, n))
-            budget -= n
-        while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            fit = self.blocks.can_admit(req, budget)
-            if fit is None:
-                break
-            cached, hit = fit
-            self.blocks.admit(req, cached, hit)
-            n = self._n(req, budget)
-            copies = self.blocks.prepare_write(req, hit + n)
-            if copies is None:
-                self.blocks.free(req)
-                break
-            self.waiting.popleft()
-            if req.num_preemptions == 0 and not req.output:
-                req.num_cached_tokens = hit
-            req.status = Status.RUNNING
-            self.running.append(req)
-            batch.copies += copies
-            batch.items.append((req, n))
-            batch.admitted.append(req)
-            budget -= n
-        return batch
+    def num_new_tokens(self, req: Request, budget: int) -> int:  # the package's hook: the learner's rule
+        return self._n(req, budget)
 
 
 # ---- 4. one scheduler step, in lockstep with the package's ------------------------------------------------------
@@ -437,38 +397,32 @@ def _why_failed(err: Exception) -> str:
 # ---- 5. the prefix cache -----------------------------------------------------------------------------------------
 def reference_lookup(bm, tokens: Sequence[int]) -> tuple[list[int], int]:
     """The package's prefix lookup: (cached leading blocks, prompt tokens served from them, at most len - 1)."""
-    cached = bm.match_prefix(tokens)
-    return cached, min(len(cached) * bm.block_size, len(tokens) - 1)
+    return prefix_lookup(bm, tokens)
 
 
 def use_prefix_lookup(engine: Engine, lookup: Callable) -> None:
     """Make ``engine`` admit requests through ``lookup(block_manager, tokens) -> (blocks, cached_tokens)``.
 
-    The rest of admission (the pool check, copies of a shared last block) is the package's
-    ``BlockManager.can_admit``; only the lookup is the learner's. The answer is checked before it is used.
+    The learner's lookup becomes the block manager's ``lookup_fn``; the rest of admission (the pool check, the
+    copy of a shared last block) is the package's ``BlockManager.can_admit``. The answer's result is checked
+    before it is used, with a message in the notebook's words.
     """
     bm = engine.block_manager
 
-    def can_admit(req: Request, num_new_tokens: int):
-        got = lookup(bm, req.tokens)
+    def checked(bm_, tokens):
+        got = lookup(bm_, tokens)
         if not (isinstance(got, tuple) and len(got) == 2):
             raise TypeError(f"cached_prefix must return (blocks, num_cached_tokens), got {type(got).__name__}")
         cached, hit = list(got[0]), got[1]
-        if isinstance(hit, bool) or not isinstance(hit, int) or not 0 <= hit <= len(cached) * bm.block_size:
+        if isinstance(hit, bool) or not isinstance(hit, int) or not 0 <= hit <= len(cached) * bm_.block_size:
             raise ValueError(f"cached_prefix returned {len(cached)} blocks and num_cached_tokens={hit!r}: expected an "
-                             f"int in 0..{len(cached) * bm.block_size}")
-        if hit >= req.num_tokens:
-            raise ValueError(f"cached_prefix says all {req.num_tokens} tokens of request {req.request_id!r} are cached: "
-                             f"nothing is left to compute, so no logits give its next token")
-        end = min(hit + num_new_tokens, req.num_tokens)
-        need = bm.blocks_for(end) - len(cached)
-        taken_free = sum(1 for b in cached if bm.blocks[b].ref_count == 0)
-        copies = 1 if cached and end <= len(cached) * bm.block_size and bm.blocks[cached[-1]].ref_count > 0 else 0
-        if bm.num_free_blocks - taken_free < max(need, 0) + copies:
-            return None
+                             f"int in 0..{len(cached) * bm_.block_size}")
+        if hit >= len(tokens):
+            raise ValueError(f"cached_prefix says all {len(tokens)} tokens of a request are cached: nothing is left "
+                             f"to compute, so no logits give its next token")
         return cached, hit
 
-    bm.can_admit = can_admit  # an attribute of this engine's block manager only
+    bm.lookup_fn = checked
 
 
 # ---- section 0: the static-batching baseline ---------------------------------------------------------------------
