@@ -34,10 +34,16 @@ How the rows are walked (PyTorch, vectorised over rows; the only Python loop is 
 - query tiles are walked longest first, and one whose rows have all ended stops being read: one long sequence
   does not make the short ones beside it read masked tiles;
 - GQA: the G = H // KV query heads of a KV head are rows of the same matrix product, so the KV heads are never
-  repeated.
+  repeated;
+- everything derived from the step's tables, rows and limits (the checks, the query tiles, each key tile's pool
+  rows and masks, the write rows) is the same in every layer: ``plan_attention`` builds it once per step as an
+  ``AttentionPlan``, which the model runner passes to ``paged_attention`` and ``write_kv`` of every layer.
+  Without a plan, each call plans for itself (same result). With one key tile, the online softmax is a plain
+  softmax over that tile.
 
-This is PyTorch on the CPU: each key tile is gathered into a small temporary ``(query tiles, KV,
-blocks_per_tile * bs, D)``, never a whole sequence unless one tile covers it; a GPU kernel would read the blocks
+This is PyTorch on the CPU: each key tile is gathered into a small buffer ``(query tiles, KV,
+blocks_per_tile * bs, D)`` (the plan's scratch, reused by every tile and layer), never a whole sequence unless one
+tile covers it; a GPU kernel would read the blocks
 in place. A Triton kernel of the same walk is future work when a GPU is lent (none was in this session).
 
 Shapes: T query rows, H query heads, KV key/value heads (GQA: query head h reads KV head h // (H // KV), as
@@ -300,36 +306,38 @@ def _signature(xs: tuple, k_pool, v_pool, step: tuple, values: tuple) -> tuple |
 
 # ---- attention ---------------------------------------------------------------------------------------------------
 def _online_update(state: tuple | None, s: torch.Tensor, v: torch.Tensor) -> tuple:
-    """Fold one tile into (m, l, acc): scores s (B, KV, X, L) with -inf where masked, values v (B, KV, L, D).
+    """Fold one tile into (m, l, acc): scores s (B * KV, X, L) with -inf where masked, values v (B * KV, L, D).
 
-    X = query rows x heads of a query tile. m (B, KV, X) running max, l (B, KV, X) running sum of exp(s - m),
-    acc (B, KV, X, D) running sum of exp(s - m) @ v. A new max rescales what was summed against the old one by
-    exp(m_old - m_new). ``s`` is a temporary: it is overwritten with exp(s - m) in place.
+    X = query rows x heads of a query tile. m (B * KV, X) running max, l (B * KV, X) running sum of exp(s - m),
+    acc (B * KV, X, D) running sum of exp(s - m) @ v. A new max rescales what was summed against the old one by
+    exp(m_old - m_new). ``s`` is a temporary: it is overwritten with exp(s - m) in place, and the walk owns the
+    state, so it is updated in place too.
     """
-    m_tile = s.amax(-1)  # (B, KV, X); -inf only for a tile fully masked in a row, never the first tile
+    m_tile = s.amax(-1)  # (B * KV, X); -inf only for a tile fully masked in a row, never the first tile
     if state is None:
-        p = s.sub_(m_tile[..., None]).exp_()  # (B, KV, X, L)
-        return m_tile, p.sum(-1), p @ v
-    m, denom, acc = state  # updated in place: the walk owns them
-    m_new = torch.maximum(m, m_tile)  # (B, KV, X): finite, since the first tile holds key 0
-    p = s.sub_(m_new[..., None]).exp_()  # (B, KV, X, L): masked keys give exp(-inf) = 0
-    alpha = m.sub_(m_new).exp_()  # (B, KV, X): exp(m_old - m_new), 1 where the max did not change
+        p = s.sub_(m_tile[..., None]).exp_()  # (B * KV, X, L)
+        return m_tile, p.sum(-1), torch.bmm(p, v)
+    m, denom, acc = state
+    m_new = torch.maximum(m, m_tile)  # (B * KV, X): finite, since the first tile holds key 0
+    p = s.sub_(m_new[..., None]).exp_()  # (B * KV, X, L): masked keys give exp(-inf) = 0
+    alpha = m.sub_(m_new).exp_()  # (B * KV, X): exp(m_old - m_new), 1 where the max did not change
     denom.mul_(alpha).add_(p.sum(-1))
-    x, d = acc.shape[-2:]
-    acc.mul_(alpha[..., None]).view(-1, x, d).baddbmm_(p.view(-1, x, p.shape[-1]), v.view(-1, v.shape[-2], d))  # += p @ v
+    acc.mul_(alpha[..., None]).baddbmm_(p, v)  # (B * KV, X, D): rescaled, then += p @ v
     return m_new, denom, acc
 
 
 class _Tile:
     """One key tile of a group's walk: the query tiles that still read it, the pool rows it gathers, its mask."""
 
-    __slots__ = ("active", "ids", "length", "mask")
+    __slots__ = ("active", "ids", "length", "mask", "bias")
 
-    def __init__(self, active: int, ids: torch.Tensor, length: int, mask: torch.Tensor | None):
+    def __init__(self, active: int, ids: torch.Tensor, length: int, mask: torch.Tensor | None,
+                 bias: torch.Tensor | None):
         self.active = active  # query tiles 0..active-1 (longest first) read this tile
         self.ids = ids  # (active * KV * P,) rows of the (N * KV, bs * D) pool view, in (B', KV, P) order
         self.length = length  # L keys: P * bs
         self.mask = mask  # (B', 1, R, 1, L) True where a key is past its row's limit; None: no row ends here
+        self.bias = bias  # one row a query tile: the mask as (B' * KV, 1, L) of 0 / -inf, added by the score bmm
 
 
 class _Group:
@@ -376,11 +384,15 @@ class _Group:
             c1, start = min(c0 + p_tile, width), c0 * bs
             length = (c1 - c0) * bs
             active = bisect.bisect_left(neg_tops, -start)  # query tiles with a row that reaches this tile
-            mask = None
+            mask = bias = None
             if start + length > lows[active - 1]:  # some row ends inside this tile: mask its keys >= its limit
                 pos = torch.arange(start, start + length, device=lim.device)  # (L,)
                 mask = (pos >= lim[:active, :, None])[:, None, :, None, :]  # (B', 1, R, 1, L)
-            self.tiles.append(_Tile(active, rows[:active, :, c0:c1].reshape(-1), length, mask))
+                if r == 1:  # decode rows: scores = bias + q @ k^T in one baddbmm, no masked_fill per layer
+                    bias = torch.zeros(active, kv, 1, length, device=lim.device).masked_fill_(mask[:, :, 0],
+                                                                                               float("-inf"))
+                    mask, bias = None, bias.view(active * kv, 1, length)  # (B' * KV, 1, L)
+            self.tiles.append(_Tile(active, rows[:active, :, c0:c1].reshape(-1), length, mask, bias))
 
 
 class AttentionPlan:
@@ -597,7 +609,7 @@ def _walk(qg: torch.Tensor, grp: _Group, pools: tuple, plan: AttentionPlan) -> t
         k, v = (_gather(pool, tile, plan, name) for pool, name in zip(pools, "kv", strict=True))  # (B * KV, L, D)
         if to_fp32:
             k, v = k.float(), v.float()
-        s = torch.bmm(q3, k.transpose(1, 2), out=plan.buffer("s", (b * kv, rg, tile.length), q3))  # (B*KV, R*G, L)
+        s = _scores(q3, k, tile, plan.buffer("s", (b * kv, rg, tile.length), q3))  # (B * KV, R * G, L)
         if tile.mask is not None:
             s.view(b, kv, r, rg // r, tile.length).masked_fill_(tile.mask, float("-inf"))
         return torch.bmm(torch.softmax(s, dim=-1), v).view(b, kv, rg, d)  # (B, KV, R * G, D)
@@ -612,8 +624,7 @@ def _walk(qg: torch.Tensor, grp: _Group, pools: tuple, plan: AttentionPlan) -> t
         k, v = _gather(pools[0], tile, plan, "k"), _gather(pools[1], tile, plan, "v")  # (B' * KV, L, D)
         if to_fp32:
             k, v = k.float(), v.float()
-        s = torch.bmm(q3[:active * kv], k.transpose(1, 2),
-                      out=plan.buffer("s", (active * kv, rg, length), q3))  # (B' * KV, R * G, L)
+        s = _scores(q3[:active * kv], k, tile, plan.buffer("s", (active * kv, rg, length), q3))  # (B'*KV, R*G, L)
         if tile.mask is not None:
             s.view(active, kv, r, rg // r, length).masked_fill_(tile.mask, float("-inf"))
         state = _online_update(state, s, v)
@@ -622,6 +633,14 @@ def _walk(qg: torch.Tensor, grp: _Group, pools: tuple, plan: AttentionPlan) -> t
         return (acc / denom[:, :, None]).view(b, kv, rg, d)  # (B, KV, R * G, D)
     out[:active * kv] = acc / denom[:, :, None]
     return out.view(b, kv, rg, d)  # (B, KV, R * G, D)
+
+
+def _scores(q3: torch.Tensor, k: torch.Tensor, tile: _Tile, out: torch.Tensor) -> torch.Tensor:
+    """q3 (B' * KV, R * G, D) @ k^T (B' * KV, D, L) into ``out``, -inf past each row's limit (the decode rows'
+    mask as an added bias, one op)."""
+    if tile.bias is not None:
+        return torch.baddbmm(tile.bias, q3, k.transpose(1, 2), out=out)
+    return torch.bmm(q3, k.transpose(1, 2), out=out)
 
 
 def _gather(pool: torch.Tensor, tile: _Tile, plan: AttentionPlan, name: str) -> torch.Tensor:
