@@ -393,3 +393,14 @@ def test_bad_engine_settings_raise_raw_errors(model):
         Engine(model, num_blocks=4).run([Request("a", [1], 1)], arrivals=[0.0, 1.0])
     with pytest.raises(TypeError, match="course's Llama"):
         Engine(torch.nn.Linear(2, 2), num_blocks=4)
+
+
+def test_slot_mapping_hook_of_another_dtype_fails_deep_in_attention(model):
+    """A swapped-in slot mapping (notebook 09's hook) that returns int32 was refused inside write_kv, with a message
+    about attention plans the learner never built; the engine names the hook and what it must return."""
+    eng = Engine(model, num_blocks=8, block_size=4)
+    eng.slot_mapping = lambda pos, table, seq, bs: (table[seq, pos // bs] * bs + pos % bs).int()
+    eng.add_request(request_id="a", prompt=[1, 2, 3], max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"engine.slot_mapping must return .* \(3,\) torch.long tensor, got \(3,\) "
+                                        r"torch.int32"):
+        eng.step()

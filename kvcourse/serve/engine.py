@@ -172,6 +172,10 @@ class Engine:
         pos = torch.tensor(positions, dtype=torch.long, device=dev)  # (T,)
         seq = torch.tensor(seq_idx, dtype=torch.long, device=dev)  # (T,)
         slots = self.slot_mapping(pos, table, seq, self.block_size)  # (T,)
+        if not (isinstance(slots, torch.Tensor) and slots.shape == pos.shape and slots.dtype == torch.long):
+            got = f"{tuple(slots.shape)} {slots.dtype}" if isinstance(slots, torch.Tensor) else type(slots).__name__
+            raise TypeError(f"engine.slot_mapping must return one flat slot per token, a ({len(ids)},) torch.long "
+                            f"tensor, got {got}")
         self.runner.ensure_positions(max(positions) + 1)
         logits = self.runner.forward(torch.tensor(ids, dtype=torch.long, device=dev), pos, seq, slots, table,
                                      torch.tensor(logit_rows, dtype=torch.long, device=dev))  # (R, V)
