@@ -180,16 +180,22 @@ def run_case(model: Model, prompt: str, ids: torch.Tensor, n: int, plan: Plan, b
     }
 
 
-def environment(plan: Plan) -> dict:
-    """Where and with what the run was made: device, CPU/GPU, threads, versions, commit, load average."""
-    import transformers
-
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
+    return cpu
+
+
+def environment(plan: Plan) -> dict:
+    """Where and with what the run was made: device, CPU/GPU, threads, versions, commit, load average."""
+    import transformers
+
+    cpu = cpu_name()
     commit = None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from .harness import cpu_name
 from .serve_report import concurrency, figures, overhead_table, plot_sweep, sweep_table, table, targets
 from .serve_systems import (
     SYSTEMS,
@@ -275,13 +276,7 @@ def run_model(spec_name: str, plan: ServePlan, tokenizer, say=print) -> dict:
 def environment() -> dict:
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu, "cpu_count": os.cpu_count(),
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "git_commit": _git("rev-parse", "--short", "HEAD"),
             "engine_uncommitted": bool(_git("status", "--porcelain", "--", "kvcourse/serve")),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -114,10 +114,13 @@ class BlockManager:
             raise ValueError(f"blocks_for: num_tokens must be an int >= 0, got {num_tokens!r}")
         return -(-num_tokens // self.block_size)
 
-    def _check_request(self, req, who: str) -> None:
+    def _check_request(self, req, who: str, first: int = 0) -> None:
+        """``req`` is a Request whose table's blocks from column ``first`` on are blocks this pool gave it (the
+        per-step callers check only the columns they touch: a whole-table scan per request per step cost more
+        than the scheduler)."""
         if not isinstance(req, Request):
             raise TypeError(f"BlockManager.{who} takes a kvcourse.serve.Request, got {type(req).__name__}")
-        held = [b for b in req.block_table if not (isinstance(b, int) and 0 <= b < self.num_blocks)
+        held = [b for b in req.block_table[first:] if not (isinstance(b, int) and 0 <= b < self.num_blocks)
                 or self.blocks[b].ref_count < 1]
         if held:
             raise ValueError(f"BlockManager.{who}: request {req.request_id!r} lists blocks {held} in its table that "
@@ -142,7 +145,7 @@ class BlockManager:
 
     def register_full_blocks(self, req: Request) -> None:
         """Name every block of ``req`` that is now full of computed tokens (``req.block_hashes`` grows)."""
-        self._check_request(req, "register_full_blocks")
+        self._check_request(req, "register_full_blocks", len(req.block_hashes))
         if req.num_computed_tokens > len(req.block_table) * self.block_size:
             raise ValueError(f"register_full_blocks: request {req.request_id!r} says {req.num_computed_tokens} tokens "
                              f"are computed, but its {len(req.block_table)} blocks hold "
@@ -206,7 +209,7 @@ class BlockManager:
         """Make ``req``'s tokens ``num_computed_tokens .. end - 1`` writable: new blocks for the table, and a copy
         of any shared block they fall in. Returns the copies ``(src, dst)`` for the runner, or ``None`` if the
         pool cannot (nothing is changed then)."""
-        self._check_request(req, "prepare_write")
+        self._check_request(req, "prepare_write", req.num_computed_tokens // self.block_size)
         if isinstance(end, bool) or not isinstance(end, int) or not req.num_computed_tokens <= end <= req.num_tokens:
             raise ValueError(f"prepare_write: end must be an int in {req.num_computed_tokens}..{req.num_tokens} (from "
                              f"request {req.request_id!r}'s computed tokens to its known tokens), got {end!r}")

@@ -24,7 +24,7 @@ import torch
 
 from ..batching import transformers_filter
 from ..timing import progress as progress_bar
-from .attention import slot_mapping
+from .attention import DEFAULT_BLOCKS_PER_TILE, slot_mapping
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .request import Request, RequestError, RequestOutput, SamplingParams, Status
@@ -72,7 +72,8 @@ class Engine:
     """
 
     def __init__(self, model, *, num_blocks: int, block_size: int = 16, max_num_batched_tokens: int = 256,
-                 max_num_seqs: int = 64, prefix_caching: bool = True, blocks_per_tile: int = 8,
+                 max_num_seqs: int = 64, prefix_caching: bool = True,
+                 blocks_per_tile: int = DEFAULT_BLOCKS_PER_TILE,
                  scheduler_cls: type[Scheduler] = Scheduler):
         self.block_manager = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = scheduler_cls(self.block_manager, max_num_batched_tokens, max_num_seqs)
