@@ -10,6 +10,7 @@ result equals it (a hint only from a check that recognised the mistake).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -201,7 +202,7 @@ def ragged_case(seed: int, lens: Sequence[int], rows: Sequence[tuple[int, int]],
 
 
 def attention_variant(case: dict, *, rescale_acc: bool = True, rescale_sum: bool = True, causal_shift: int = 0,
-                      gqa: str = "interleave", self_only: bool = False) -> torch.Tensor:
+                      gqa: str = "interleave", self_only: bool = False, skip_partial: bool = False) -> torch.Tensor:
     """The block walk with one known mistake switched on (all defaults: the right answer)."""
     q, kp, vp = case["q"].float(), case["k_pool"].float(), case["v_pool"].float()
     tbl, seq, lim, scale = case["block_tables"], case["seq_idx"], case["limits"], case["scale"]
@@ -212,7 +213,8 @@ def attention_variant(case: dict, *, rescale_acc: bool = True, rescale_sum: bool
     rows = tbl[seq].clamp(min=0)  # (T, M)
     m = torch.full((t, kv, g), float("-inf"))
     lsum, acc = torch.zeros(t, kv, g), torch.zeros(t, kv, g, d)
-    for c in range(-(-int(lim.max()) // bs)):  # the columns the longest row reaches, as the answer walks them
+    columns = int(lim.max()) // bs if skip_partial else -(-int(lim.max()) // bs)  # skip_partial: full columns only
+    for c in range(columns):  # the columns the longest row reaches, as the answer walks them
         k, v = kp[rows[:, c]], vp[rows[:, c]]  # (T, KV, bs, D)
         s = (qg @ k.transpose(-1, -2)) * scale  # (T, KV, G, bs)
         pos = c * bs + torch.arange(bs)
@@ -246,7 +248,9 @@ def attention_hint(got: torch.Tensor, case: dict) -> str:
                           ">= limits[t]"),
                          ({"gqa": "modulo"}, "query head h reads KV head h // (H // KV): view q as (T, KV, H // KV, D)"),
                          ({"self_only": True}, "each row must attend to every earlier key of its sequence, not only "
-                          "its own")]:
+                          "its own"),
+                         ({"skip_partial": True}, "walk every block column a row reaches, its last, partly filled "
+                          "block too: the rows whose keys end inside a block came out wrong")]:
         if torch.allclose(got, attention_variant(case, **kwargs), atol=1e-4, rtol=1e-4, equal_nan=True):
             return hint
     return ""
@@ -305,7 +309,7 @@ class ChunkedScheduler(Scheduler):
 def _state(engine: Engine) -> dict:
     st = engine.stats.history[-1] if engine.stats.history else None
     return {"items": [(rid, n) for rid, n, _ in st.requests] if st else [], "preempted": list(st.preempted) if st else [],
-            "free": engine.block_manager.num_free_blocks, "running": [r.request_id for r in engine.scheduler.running],
+            "hits": engine.stats.prefix_hit_tokens, "free": engine.block_manager.num_free_blocks, "running": [r.request_id for r in engine.scheduler.running],
             "waiting": [r.request_id for r in engine.scheduler.waiting]}
 
 
@@ -332,6 +336,14 @@ def lockstep(model, specs: Sequence[Spec], scheduler_cls: type[Scheduler], max_s
         return learners_preempt(req, batch)
 
     mine.scheduler._preempt = recorded_preempt  # this engine's scheduler only
+    batches: list = []  # the learner's batch of the step being run (for the message when the engine fails)
+    learners_schedule = mine.scheduler.schedule
+
+    def recorded_schedule():
+        batches[:] = [learners_schedule()]
+        return batches[0]
+
+    mine.scheduler.schedule = recorded_schedule
     newest_hint = "preempt the NEWEST running request (the last in self.running), not the oldest"
     done_ref: set[str] = set()
     done_mine: set[str] = set()
@@ -347,7 +359,7 @@ def lockstep(model, specs: Sequence[Spec], scheduler_cls: type[Scheduler], max_s
             done_mine |= {o.request_id for o in mine.step()}
         except Exception as err:  # noqa: BLE001 - reported with the step it happened in
             return (f"step {step}: the engine failed with your scheduler: {type(err).__name__}: {err}",
-                    newest_hint if not_newest else _why_failed(err))
+                    newest_hint if not_newest else _why_failed(err, batches[0] if batches else None, mine.scheduler))
         a, b = _state(mine), _state(ref)
         if a == b:
             continue
@@ -375,6 +387,10 @@ def _first_difference(a: dict, b: dict, where: str, max_num_seqs: int) -> tuple[
                 hint = ("first come, first served: when the first waiting request does not fit, admit none "
                         "after it this step (stop, do not skip ahead)")
         return (f"{where}: your scheduler ran (request, tokens) {a['items']}, the reference {b['items']}", hint)
+    if a["hits"] != b["hits"]:  # the same requests ran the same tokens: only the recorded hit can differ
+        return (f"{where}: the engine counts {a['hits']} prompt tokens found in the prefix cache with your scheduler, "
+                f"{b['hits']} with the reference", "an admitted request records its prefix hit: req.num_cached_tokens "
+                "(the engine's stats.prefix_hit_tokens adds them up)")
     if a["free"] != b["free"]:
         hint = ("a finished request's blocks go back to the pool: call self.blocks.free(req) in finish"
                 if a["free"] < b["free"] else "")
@@ -387,10 +403,31 @@ def _first_difference(a: dict, b: dict, where: str, max_num_seqs: int) -> tuple[
     return f"{where}: running {a['running']}, the reference's {b['running']}", ""
 
 
-def _why_failed(err: Exception) -> str:
-    if "nothing to run" in str(err):
+def _why_failed(err: Exception, batch=None, scheduler: Scheduler | None = None) -> str:
+    """A hint when the engine's error is one a known mistake makes (``batch``: the learner's last batch, from the
+    step that failed unless ``schedule`` itself raised; ``scheduler``: the learner's, as the error left it)."""
+    text = str(err)
+    if "nothing to run" in text:
         return ("the pool ran out of blocks: check that finish returns a finished request's blocks "
                 "(self.blocks.free(req)) and that preemption frees the victim's")
+    # room made for fewer tokens than the step computes: the engine refuses to name blocks it does not hold
+    short = re.search(r"register_full_blocks: request '([^']*)' says \d+ tokens are computed, but its", text)
+    if short and batch is not None:
+        admitted = {r.request_id: r for r in batch.admitted}
+        req = admitted.get(short.group(1))
+        if req is not None and req.num_cached_tokens > 0:
+            return ("a new request's tokens start at its prefix hit, not at 0: make room for its n tokens after the "
+                    "hit (prepare_write's end counts from the start of the request)")
+        if req is None:
+            return ("prepare_write(req, end) takes the END of the tokens to make room for: the tokens already "
+                    "computed plus this step's")
+    # an end before the prefix hit: raised in schedule, while the request is admitted but still at the queue's head
+    early = re.search(r"prepare_write: end must be an int in (\d+)\.\.\d+ \(from request '([^']*)'", text)
+    if early and scheduler is not None and int(early.group(1)) > 0:
+        head = scheduler.waiting[0] if scheduler.waiting else None
+        if head is not None and head.request_id == early.group(2) and head.block_table:
+            return ("a new request's tokens start at its prefix hit, not at 0: make room for its n tokens after the "
+                    "hit (prepare_write's end counts from the start of the request)")
     return ""
 
 
