@@ -914,6 +914,10 @@ probe("serve.Request.check", "eos id outside the vocabulary", call(lambda: sreq(
       names=("'r'", str(V)))
 probe("serve.Request.is_prefill", "nothing computed", call(lambda: sreq().is_prefill), result=lambda r: r is True)
 probe("serve.Request.max_len", "5 + 3 - 1", call(lambda: sreq().max_len), result=lambda r: r == 7)
+probe("serve.Request.token_slice", "across prompt and output",
+      call(lambda: (lambda r: (r.output.extend([7, 8]), r.token_slice(3, 7))[1])(sreq())),
+      result=lambda r: r == [4, 5, 7, 8])
+probe("serve.Request.token_slice", "negative start", on(sreq, "token_slice", -1, 2), names=("'r'", "start=-1", "<= 5"))
 probe("serve.Request.num_tokens", "prompt of 5", call(lambda: sreq().num_tokens), result=lambda r: r == 5)
 probe("serve.Request.tokens", "prompt then output", call(lambda: (lambda r: (r.output.append(9), r.tokens)[1])(sreq())),
       result=lambda r: r == [1, 2, 3, 4, 5, 9])

@@ -152,10 +152,10 @@ class BlockManager:
                              f"{len(req.block_table) * self.block_size}")
         if not self.prefix_caching:
             return
-        bs, toks = self.block_size, req.tokens
+        bs = self.block_size
         while len(req.block_hashes) < req.num_computed_tokens // bs:
             i = len(req.block_hashes)
-            chunk = tuple(toks[i * bs:(i + 1) * bs])
+            chunk = tuple(req.token_slice(i * bs, (i + 1) * bs))
             h = self.hash_fn(req.block_hashes[-1] if i else None, chunk)
             req.block_hashes.append(h)
             blk = self.blocks[req.block_table[i]]

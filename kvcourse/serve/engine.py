@@ -134,7 +134,7 @@ class Engine:
                 self.stats.prompt_tokens += len(r.prompt)
                 self.stats.prefix_hit_tokens += r.num_cached_tokens
         self.runner.copy_blocks(batch.copies)
-        logits, sampling = self._forward(batch)
+        logits, sampling, kinds = self._forward(batch)
         now = self.now()
         finished = []
         for req, row in zip(sampling, self._sample(sampling, logits), strict=True):
@@ -150,16 +150,17 @@ class Engine:
                 req.finish_time = now
                 self.scheduler.finish(req)
                 finished.append(RequestOutput.from_request(req))
-        self._record(batch, now)
+        self._record(batch, kinds, now)
         return finished
 
-    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
-        """Build the ragged step from the batch, run it, and advance each request's computed tokens."""
-        ids, positions, seq_idx, logit_rows, sampling, tables = [], [], [], [], [], []
-        self._kinds = kinds = []  # "prefill" (a prompt chunk, or a recompute) or "decode", per item
+    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request], list[str]]:
+        """Build the ragged step from the batch, run it, and advance each request's computed tokens. Returns the
+        logits of the requests that sample, those requests, and each item's kind ("prefill": a prompt chunk or a
+        recompute; "decode")."""
+        ids, positions, seq_idx, logit_rows, sampling, tables, kinds = [], [], [], [], [], [], []
         for s, (req, n) in enumerate(batch.items):
             c = req.num_computed_tokens
-            ids += req.tokens[c:c + n]
+            ids += req.token_slice(c, c + n)
             positions += range(c, c + n)
             seq_idx += [s] * n
             tables.append(req.block_table)
@@ -184,7 +185,7 @@ class Engine:
         for req, n in batch.items:
             req.num_computed_tokens += n
             self.block_manager.register_full_blocks(req)
-        return logits, sampling
+        return logits, sampling, kinds
 
     @staticmethod
     def _sample(reqs: list[Request], logits: torch.Tensor) -> list[int]:
@@ -200,10 +201,10 @@ class Engine:
                 out[i] = int(torch.multinomial(probs, 1, generator=r.generator))
         return out
 
-    def _record(self, batch: ScheduledBatch, now: float) -> None:
+    def _record(self, batch: ScheduledBatch, kinds: list[str], now: float) -> None:
         st = self.stats
         st.steps += 1
-        rows = [(r.request_id, n, kind) for (r, n), kind in zip(batch.items, self._kinds, strict=True)]
+        rows = [(r.request_id, n, kind) for (r, n), kind in zip(batch.items, kinds, strict=True)]
         pre = sum(n for _, n, kind in rows if kind == "prefill")
         st.history.append(StepRecord(
             step=st.steps, time=now, num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),

@@ -132,6 +132,18 @@ class Request:
         """The known tokens: prompt, then generated."""
         return self.prompt + self.output
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``tokens[start:end]`` without building the whole prompt + output list (the engine asks every step)."""
+        p = len(self.prompt)
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= p + len(self.output)):
+            raise ValueError(f"request {self.request_id!r}: token_slice needs 0 <= start <= end <= {p + len(self.output)} "
+                             f"(its known tokens), got start={start!r}, end={end!r}")
+        if start >= p:
+            return self.output[start - p:end - p]
+        if end <= p:
+            return self.prompt[start:end]
+        return self.prompt[start:] + self.output[:end - p]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)
