@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 
 from kvcourse import bench
+from kvcourse.batching import pad_prompts
 from kvcourse.bench import serve, serve_report, serve_systems
 from kvcourse.bench.serve_systems import Budget, RequestRecord, SystemResult
 from kvcourse.bench.serve_workload import WorkloadSpec, make_workload, percentile
@@ -98,7 +99,9 @@ def test_static_batch_exceeds_the_kv_budget_or_takes_requests_not_yet_arrived(to
 
 
 def test_left_padding_on_the_wrong_side():
-    ids, mask = serve_systems.left_pad([[5, 6, 7], [9]], 0)
+    """The static system pads with notebook 06's pad_prompts, on the left."""
+    assert serve_systems.pad_prompts is pad_prompts
+    ids, mask = pad_prompts([[5, 6, 7], [9]], 0, side="left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 

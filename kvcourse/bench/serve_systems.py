@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..batching import pad_prompts
 from .methods import _hf_streamer, _TickingModel
 from .serve_workload import Workload
 
@@ -98,17 +99,6 @@ def _next_batch(reqs, first: int, now: float, budget: Budget) -> list[int]:
     return batch
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and 0/1 mask, padding on the left (notebook 06)."""
-    t = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), t), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, t - len(p):] = 1
-    return ids, mask
-
-
 def run_static(workload: Workload, budget: Budget, generate_batch: Callable, name: str) -> SystemResult:
     """Serve the workload with static batches; ``generate_batch(ids, mask, n, tick)`` -> (B, T + n) ids."""
     reqs = workload.requests
@@ -124,7 +114,7 @@ def run_static(workload: Workload, budget: Budget, generate_batch: Callable, nam
         idx = _next_batch(reqs, i, now, budget)
         prompts = [reqs[j].prompt for j in idx]
         n = max(reqs[j].max_new_tokens for j in idx)
-        ids, mask = left_pad(prompts, 0)
+        ids, mask = pad_prompts(prompts, 0, side="left")  # notebook 06's padding
         ticks: list[float] = []
 
         def tick(ticks=ticks) -> None:

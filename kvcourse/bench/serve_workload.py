@@ -21,6 +21,7 @@ import random
 import statistics
 from dataclasses import asdict, dataclass, field
 
+from ..serve.plots import percentile  # one percentile for notebook 09's plots and the benchmark
 from .plan import LONG_TEXT
 
 SONNET_START = "Shall I compare thee"
@@ -116,17 +117,6 @@ def _describe(xs: list[int]) -> dict:
     s = sorted(xs)
     return {"min": s[0], "p50": statistics.median(s), "p95": percentile(s, 95), "max": s[-1],
             "mean": statistics.fmean(s)}
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """The q-th percentile, linear between order statistics (numpy's default); ``xs`` non-empty."""
-    s = sorted(xs)
-    if not s:
-        raise ValueError("percentile of an empty list")
-    pos = (len(s) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def text_tokens(tokenizer) -> tuple[list[int], list[int]]:

@@ -137,7 +137,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) by linear interpolation, as numpy's default."""
     xs = sorted(values)
     if not xs:
-        raise ValueError("percentile of no values")
+        raise ValueError("percentile of an empty list: no values")
     k = (len(xs) - 1) * q / 100
     lo = int(k)
     hi = min(lo + 1, len(xs) - 1)
