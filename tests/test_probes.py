@@ -27,6 +27,7 @@ import io
 import linecache
 import shutil
 import sqlite3
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1003,6 +1004,12 @@ probe("serve.gather_attention", "limit 0", lambda: (lambda q, kp, vp, tb, si, li
 probe("serve.attention_bytes", "negative context", call(lambda: mod("serve").attention_bytes([4, -1], 2, 8,
                                                                                           torch.float32, 4)),
       names=("-1",))
+
+
+# -- more rows, one file a topic: tests/probes_<topic>.py, each with ``register(t)`` where ``t`` is this module
+# (its ``probe``, ``call``, ``on``, ``mod`` and model builders). Several changes can add rows without editing here.
+for _extra in sorted(Path(__file__).parent.glob("probes_*.py")):
+    importlib.import_module(_extra.stem).register(sys.modules[__name__])
 
 
 EXEMPT = {
