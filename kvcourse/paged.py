@@ -15,6 +15,10 @@ Pow2 and Oracle. Paging reserves memory a block at a time instead:
 - ``fork(parent, child)`` gives the child the parent's table and adds one reference to each block: a
   shared prompt is stored once. When a sequence appends to a block that another sequence still
   references, that block is first copied (copy on write), so the other sequence never sees the change.
+- ``crop(n)`` rewinds the batch's sequences (speculative decoding drops the rejected draft tokens): blocks
+  wholly past the new length lose a reference, and a kept block that is shared stays shared until the next
+  append copies it, as above. After a crop and an append, a sequence holds exactly what a sequence that never
+  saw the dropped tokens holds (tests/test_rewind_paged.py).
 
 ``update`` gathers each sequence's blocks through its table and returns its keys and values in time
 order, ``(B, KV, length, D)``, so the course's ``Llama`` runs on it unchanged; the rows of one call
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import CacheOverflowError, _check_kv, _check_same_kind
+from .cache import CacheOverflowError, _check_kv, _check_same_kind, _cropped_length
 
 
 class UnknownSequenceError(KeyError):
@@ -48,7 +52,7 @@ class UnknownSequenceError(KeyError):
 
 
 class PagedKVCache:
-    """Block pool + block tables + reference counts, with ``update``/``get_seq_length``/``reset`` like ``KVCache``."""
+    """Block pool + block tables + reference counts, with ``update``/``get_seq_length``/``reset``/``crop`` like ``KVCache``."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -252,6 +256,45 @@ class PagedKVCache:
         k = self.keys[layer_idx][rb, :, rs].transpose(1, 2)  # (B, L, KV, D) -> (B, KV, L, D), in time order
         v = self.values[layer_idx][rb, :, rs].transpose(1, 2)
         return k, v
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens of every sequence of the batch; a negative value drops that many
+        from the end (``KVCache.crop``'s semantics: ``transformers`` 5.x ``Cache.crop`` takes the negative form).
+
+        Per sequence, per layer: a layer's length becomes what ``KVCache.crop`` would make it. Blocks wholly past
+        a sequence's new length lose its reference and go back to the pool when nobody else holds them; a kept
+        block another sequence shares (after ``fork``) stays shared, and the next ``update`` copies it before
+        writing (copy on write), so the other sequence never sees the tokens written after the rewind. To rewind
+        one sequence alone: ``set_batch([seq])``, then ``crop``.
+
+        All or nothing: every sequence of the batch is checked before anything changes. Refused: a non-int, a
+        value outside ``-length..length`` for some sequence, and ``crop(-n)`` in the middle of a step (layers
+        holding different lengths: dropping n from each would leave them unequal; ``crop(n >= 0)`` levels them).
+        """
+        new: dict[object, list[int]] = {}
+        for s in self.batch or []:
+            held = self.layer_lengths[s]
+            try:
+                new[s] = [_cropped_length(max_length, n, i) for i, n in enumerate(held)]
+            except ValueError as e:
+                raise ValueError(f"sequence {s!r} of the batch {self.batch!r}: {e}") from None
+            if len(set(new[s])) > 1:
+                raise ValueError(f"crop({max_length}) in the middle of a step: sequence {s!r}'s layers hold {held} "
+                                 f"tokens, and dropping {-max_length} from each would leave them unequal; finish "
+                                 f"the step, or crop to a length 0..{min(held)} to bring every layer to it")
+        if not self.batch:
+            _cropped_length(max_length, 0, 0)  # an empty cache: only crop(0) is in range
+        for s, lengths in new.items():
+            keep = -(-lengths[0] // self.block_size)  # blocks that still hold a kept token
+            table = self.tables[s]
+            for block in reversed(table[keep:]):
+                self.refcount[block] -= 1
+                if self.refcount[block] == 0:
+                    self.free_blocks.append(block)
+            del table[keep:]
+            self.layer_lengths[s] = lengths
+            self.lengths[s] = lengths[0]
+        self._version += 1  # block tables (and the positions of the next write) changed: slot indices are stale
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens that layer ``layer_idx`` holds for the batch's sequences (all equal); 0 before anything."""

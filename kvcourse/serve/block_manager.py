@@ -15,6 +15,9 @@ which block.
 - **Copy on write.** A block with more than one reference is never written: a request that must write into
   one gets a copy first (``prepare_write`` returns the copies for the runner to make), as notebook 08's
   ``PagedKVCache.fork`` does.
+- **Rewind.** ``truncate`` keeps a request's first tokens (speculative decoding drops rejected drafts):
+  blocks past them are released, and a kept, partly filled block that only this request holds loses its
+  name before it is written again.
 - **The fully cached prompt.** When every token of a request is in the cache, the last one is computed again
   anyway, since its logits give the next token (nano-vllm issue 144 was this case crashing); its block is
   copied first if another request holds it.
@@ -230,18 +233,53 @@ class BlockManager:
             req.block_table.append(self._take())
         return copies
 
+    def truncate(self, req: Request, num_tokens: int) -> None:
+        """Keep only ``req``'s first ``num_tokens`` computed tokens (a rewind): ``req.num_computed_tokens`` becomes
+        ``num_tokens``, its blocks past them lose its reference (last block first, as ``free``), and the names of
+        the blocks that no longer hold a full block of its computed tokens are dropped from ``req.block_hashes``.
+
+        The kept partly filled last block will be written again. If ``req`` alone holds it, it is written in place,
+        so a name it had is removed from the prefix cache: no later prompt may find it under tokens it will no
+        longer hold. If another request shares it, it keeps its name (its contents stay right for that request)
+        and ``prepare_write`` copies it before ``req`` writes. A released block keeps its name, as in ``free``:
+        its contents are still those of the tokens it was named for. vLLM rolls back a request's
+        ``num_computed_tokens`` the same way when speculative tokens are rejected (``Scheduler.update_from_output``,
+        vllm/v1/core/sched/scheduler.py). Refused, changing nothing: ``num_tokens`` outside
+        ``0..req.num_computed_tokens``."""
+        self._check_request(req, "truncate")
+        c = req.num_computed_tokens
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 0 <= num_tokens <= c:
+            raise ValueError(f"truncate: request {req.request_id!r} has {c} computed tokens; num_tokens must be an int "
+                             f"in 0..{c} (the tokens to keep), got {num_tokens!r}")
+        keep = self.blocks_for(num_tokens)
+        for b in reversed(req.block_table[keep:]):
+            self._release(b)
+        del req.block_table[keep:]
+        del req.block_hashes[num_tokens // self.block_size:]
+        if num_tokens % self.block_size:  # the kept last block is partly filled: it will be written again
+            blk = self.blocks[req.block_table[-1]]
+            if blk.ref_count == 1 and blk.hash is not None:  # written in place: its name would lie
+                if self.hash_to_block.get(blk.hash) == blk.block_id:
+                    del self.hash_to_block[blk.hash]
+                blk.hash, blk.tokens = None, ()
+        req.num_computed_tokens = num_tokens
+
+    def _release(self, b: int) -> None:
+        """Drop one reference to block ``b``; a block nobody holds goes back to the free lists (keeping its name)."""
+        blk = self.blocks[b]
+        blk.ref_count -= 1
+        if blk.ref_count == 0:
+            if blk.hash is not None:
+                self.free_named[b] = None
+                self.free_named.move_to_end(b)
+            else:
+                self.free_unnamed.append(b)
+
     def free(self, req: Request) -> None:
         """Drop ``req``'s references, last block first; a block nobody holds keeps its name (findable)."""
         self._check_request(req, "free")
         for b in reversed(req.block_table):
-            blk = self.blocks[b]
-            blk.ref_count -= 1
-            if blk.ref_count == 0:
-                if blk.hash is not None:
-                    self.free_named[b] = None
-                    self.free_named.move_to_end(b)
-                else:
-                    self.free_unnamed.append(b)
+            self._release(b)
         req.block_table = []
         req.block_hashes = []
 

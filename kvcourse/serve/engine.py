@@ -4,7 +4,8 @@
 copies that copy on write needs, runs the ragged forward pass, samples a token for every request whose
 known tokens are all computed, and releases the requests that finished (EOS or ``max_new_tokens``), their
 blocks back in the pool in the same step. ``run`` drives a whole workload: requests arrive at their
-arrival times (wall clock), and every request comes back with its tokens and timestamps.
+arrival times (wall clock), and every request comes back with its tokens and timestamps. ``rewind`` drops a
+request's last generated tokens between steps (speculative decoding, notebook 10); it carries on from there.
 
 Greedy requests in float32 get exactly the tokens ``kvcourse.generate.generate`` gives for their prompt
 alone, whatever else is in the batch, however the prompt was chunked, preempted or found in the cache:
@@ -56,6 +57,7 @@ class EngineStats:
     prompt_tokens: int = 0  # prompt tokens of the requests admitted (first admission)
     prefix_hit_tokens: int = 0  # of which found in the prefix cache
     forward_tokens: int = 0  # tokens through the model, recompute included
+    rewound_tokens: int = 0  # generated tokens dropped by ``Engine.rewind``
     history: list[StepRecord] = field(default_factory=list)
 
     @property
@@ -116,6 +118,40 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def rewind(self, request_id: str, num_tokens: int) -> Request:
+        """Drop the last ``num_tokens`` generated tokens of an unfinished request, between steps (a speculative
+        decoder drops its rejected drafts this way); the next steps generate again from the new end.
+
+        The request's cache keeps its tokens up to the new last one, which is computed again (its logits give
+        the next token: vLLM's ``num_computed_tokens`` rolls back the same way, ``Scheduler.update_from_output``
+        in vllm/v1/core/sched/scheduler.py); its blocks past them go back to the pool, and a block it will
+        write again loses its prefix-cache name (``BlockManager.truncate``). A waiting request (preempted) holds
+        no blocks: only its tokens are dropped. The other requests are not touched. A sampled request draws
+        its next tokens anew from its generator, which is not rewound.
+
+        Refused with a ``RequestError``, changing nothing: an unknown or finished request, ``num_tokens`` not an
+        int in 1..(tokens it generated): a rewind never reaches into the prompt.
+        """
+        req = self.requests.get(request_id) if isinstance(request_id, str) else None
+        if req is None:
+            known = sorted(self.requests)
+            raise RequestError(f"rewind: no request {request_id!r} in this engine (it holds {len(known)}: "
+                               f"{known[:8]}{' ...' if len(known) > 8 else ''})")
+        if req.status is Status.FINISHED:
+            raise RequestError(f"rewind: request {request_id!r} has finished ({req.finish_reason}) and its blocks are "
+                               f"released; only a waiting or running request can be rewound")
+        n, made = num_tokens, len(req.output)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= made:
+            raise RequestError(f"rewind: request {request_id!r} has generated {made} tokens; num_tokens must be an int "
+                               f"in 1..{made} (a rewind never reaches into the prompt), got {n!r}")
+        del req.output[-n:]
+        del req.token_times[-n:]
+        req.first_token_time = req.token_times[0] if req.token_times else None
+        if req.status is Status.RUNNING:  # keep the cache up to the new last token, which is computed again
+            self.block_manager.truncate(req, min(req.num_computed_tokens, req.num_tokens - 1))
+        self.stats.rewound_tokens += n
+        return req
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
