@@ -26,13 +26,27 @@ Memory (``nbytes``): the buffers allocated, as ``KVCache.nbytes``: per layer, fo
 float32 scale each (every token ends up there once the residual flushes) and ``residual`` full-precision slots.
 ``stored_nbytes`` counts only what the tokens now held occupy. The dequantized copies that ``update`` returns
 are working memory of one layer at a time; a fused kernel would dequantize inside attention instead.
+
+Rewinding (``crop``, for speculative decoding, notebook 10) must leave the cache as a cache that never saw the
+dropped tokens would be, bit for bit. Dropping residual tokens is easy. But a flush may have quantized tokens
+that such a cache holds exact: it got the same calls with the last ones cut, and a shorter last call may not
+have filled the residual. So each layer keeps an undo record of its LAST flush: the length quantized before it,
+whether it was the first update, and the exact tokens it quantized (not for the first update: that cache
+quantizes its whole first update too, and with one scale per token the int8 values of a token do not depend on
+the others). ``crop(n)`` back into the last flush replays its rule, ``first or n - q0 >= residual``: int8 up
+to ``n``, or the exact tokens back into the residual. Tokens quantized by an earlier flush cannot be
+restored: ``crop`` refuses to reach them (except with ``residual=0``, where every token is quantized as it
+comes). A cache fed ``k`` drafted tokens after its accepted ones can always drop them if ``residual >= k``:
+a flush that quantizes only drafted tokens needs a flush of a drafted token before it and ``residual`` more.
+The record (at most ``residual - 1`` plus one update's tokens, exact) is working memory, not counted by
+``nbytes``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .cache import CacheOverflowError, _check_fits, _check_kv, _check_same_kind
+from .cache import CacheOverflowError, _check_fits, _check_kv, _check_same_kind, _cropped_length
 
 QMAX = 127  # int8 absmax uses -127..127, symmetric (-128 is left out)
 
@@ -90,6 +104,8 @@ class Int8KVCache:
         self.rv = [torch.zeros(res_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.quantized = [0] * num_layers  # tokens in the int8 store, per layer: positions 0..quantized - 1
         self.in_residual = [0] * num_layers  # tokens in the residual, per layer: the positions right after
+        # per layer, the undo record of the last flush (q0, first, exact keys, exact values) or None (``crop``)
+        self.last_flush: list[tuple[int, bool, torch.Tensor | None, torch.Tensor | None] | None] = [None] * num_layers
         self.num_layers, self.max_seq_len, self.residual, self.dtype = num_layers, max_seq_len, residual, dtype
         self.quantize = quantize or quantize_absmax  # x -> (int8 q, float scale (..., 1)): notebook 08 plugs its own in
 
@@ -128,7 +144,7 @@ class Int8KVCache:
         if end > self.max_seq_len:
             raise CacheOverflowError(f"int8 KV cache overflow in layer {layer_idx}: it holds {nq + nr} tokens, {t} "
                                      f"more would make {end}, past max_seq_len={self.max_seq_len}")
-        out = []
+        out, moved = [], []
         first = nq + nr == 0  # transformers quantizes the whole first update (the prefill) at once
         flush = first or nr + t >= self.residual
         for new, q, s, r in ((key, self.qk, self.sk, self.rk), (value, self.qv, self.sv, self.rv)):
@@ -136,11 +152,13 @@ class Int8KVCache:
             out.append(torch.cat([dequantize(q[layer_idx][:, :, :nq], s[layer_idx][:, :, :nq], self.dtype),
                                   old_res, new], dim=2))  # (B, KV, end, D)
             if flush:  # the residual and the new tokens move into int8; the residual empties
-                q[layer_idx][:, :, nq:end], s[layer_idx][:, :, nq:end] = self.quantize(torch.cat([old_res, new], 2))
+                moved.append(torch.cat([old_res, new], 2))  # (B, KV, nr + t, D), exact: kept for crop
+                q[layer_idx][:, :, nq:end], s[layer_idx][:, :, nq:end] = self.quantize(moved[-1])
             else:
                 r[layer_idx][:, :, nr:nr + t] = new
         if flush:
             self.quantized[layer_idx], self.in_residual[layer_idx] = end, 0
+            self.last_flush[layer_idx] = (nq, True, None, None) if first else (nq, False, *moved)
         else:
             self.in_residual[layer_idx] = nr + t
         return out[0], out[1]
@@ -154,6 +172,57 @@ class Int8KVCache:
         """Forget every token (the buffers are kept); the next update quantizes its tokens, as a prefill."""
         self.quantized = [0] * self.num_layers
         self.in_residual = [0] * self.num_layers
+        self.last_flush = [None] * self.num_layers
+
+    def _earliest(self, layer_idx: int) -> int:
+        """The shortest length > 0 that ``crop`` can go back to exactly in this layer."""
+        if self.residual == 0:
+            return 1
+        record = self.last_flush[layer_idx]
+        return self.quantized[layer_idx] if record is None else max(1, record[0])
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens; a negative value drops that many from the end (``KVCache.crop``).
+
+        Afterwards the cache holds what a cache fed the same updates, the last ones cut to the tokens kept, would
+        hold, bit for bit: int8 where that one quantized, exact where it did not (module docstring). A length
+        inside tokens quantized before the last flush is refused (``ValueError``, no layer changed), unless
+        ``residual=0``; ``crop(0)`` always works.
+        """
+        new = [_cropped_length(max_length, self.get_seq_length(i), i) for i in range(self.num_layers)]
+        for i, n in enumerate(new):
+            if 0 < n < self._earliest(i):
+                held, earliest = self.get_seq_length(i), self._earliest(i)
+                raise ValueError(
+                    f"crop({max_length}) cannot rewind layer {i} of this int8 cache exactly: it holds {held} tokens "
+                    f"and would keep {n}, but tokens before position {earliest} were quantized by an earlier flush "
+                    f"of the residual (residual={self.residual}) and their exact values are gone; it can go back "
+                    f"to {earliest}..{held} tokens (or 0). A cache fed k drafted tokens (speculative decoding) "
+                    f"needs Int8KVCache(..., residual=k) or more to drop them"
+                )
+        for i, n in enumerate(new):
+            self._crop_layer(i, n)
+
+    def _crop_layer(self, i: int, n: int) -> None:
+        nq, record = self.quantized[i], self.last_flush[i]
+        if n == 0:  # a cache that saw nothing
+            self.quantized[i], self.in_residual[i], self.last_flush[i] = 0, 0, None
+        elif n >= nq:  # only residual tokens dropped
+            self.in_residual[i] = n - nq
+        elif record is None or n < record[0]:  # residual == 0 (crop checked): each update flushed, int8 per token
+            self.quantized[i], self.in_residual[i], self.last_flush[i] = n, 0, None
+        else:  # back into the last flush: replay its rule on the shorter last update
+            q0, first, k, v = record
+            if first or n - q0 >= self.residual:  # it flushes too: int8 up to n
+                if k is not None:  # requantize from the exact tokens, as that cache would
+                    k, v = k[:, :, :n - q0], v[:, :, :n - q0]
+                    self.qk[i][:, :, q0:n], self.sk[i][:, :, q0:n] = self.quantize(k)
+                    self.qv[i][:, :, q0:n], self.sv[i][:, :, q0:n] = self.quantize(v)
+                self.quantized[i], self.in_residual[i], self.last_flush[i] = n, 0, (q0, first, k, v)
+            else:  # it does not: the exact tokens go back to the residual, and its last flush is an older one
+                self.rk[i][:, :, :n - q0] = k[:, :, :n - q0]
+                self.rv[i][:, :, :n - q0] = v[:, :, :n - q0]
+                self.quantized[i], self.in_residual[i], self.last_flush[i] = q0, n - q0, None
 
     def nbytes(self) -> int:
         """Bytes allocated: the int8 store and its scales (capacity ``max_seq_len``) and the residual (``residual``)."""

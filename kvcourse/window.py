@@ -15,13 +15,26 @@ so the model can cut its mask to them (``Llama.forward`` does, for a ``MistralFo
 
 The cache keeps its own position, ``get_seq_length()``: the number of tokens seen, which keeps
 growing while the buffers do not.
+
+Rewinding (``crop``, for speculative decoding, notebook 10) needs spare slots. After ``crop(n)`` the next
+``update`` returns positions ``n - W + 1 .. n - 1``: the window as it was before the rejected tokens came. But
+those tokens were written into the ring too, each over the oldest slot, so a ring of exactly ``W`` slots that
+took ``d`` tokens since has lost positions ``n - W + 1 .. n - W + d - 1`` of that window: once it has wrapped it
+can drop 1 token, no more. ``SlidingWindowCache(..., rewind=k)`` allocates ``W + k - 1`` slots (``slots``), so
+``crop`` can always drop the latest ``k`` tokens (the ``k`` drafted tokens a verification step may reject);
+``update`` still returns at most ``W - 1`` past tokens. ``crop`` refuses, with an error naming the oldest
+position still held, any rewind whose window is no longer all in the ring; it never returns a wrong window.
+``transformers`` solves it the same way with unbounded room: once ``sliding_window`` tokens were seen its
+``DynamicSlidingWindowLayer.crop`` raises unless ``activate_past_recording()`` was called, after which ``update``
+keeps every token until the next ``crop`` cuts the layer back to ``sliding_window - 1``
+(``transformers/cache_utils.py``, 5.25).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .cache import _check_fits, _check_kv, _check_same_kind
+from .cache import _check_fits, _check_kv, _check_same_kind, _cropped_length
 
 
 def model_window(model) -> int | None:
@@ -72,29 +85,34 @@ def _check_count(name: str, value, minimum: int = 1) -> None:
 
 
 class SlidingWindowCache:
-    """Ring buffers of ``window`` slots per layer; ``update`` returns the window in time order.
+    """Ring buffers of ``window + max(0, rewind - 1)`` slots per layer; ``update`` returns the window in time order.
 
     Built directly, it does not know the model; ``generate``, ``prefill`` and ``decode_one_token`` check it
     against the model's ``sliding_window`` (``check_window_cache``), and ``for_model`` sizes it from it.
+    ``rewind``: how many of the latest tokens ``crop`` must always be able to drop (module docstring).
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, window: int,
-                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 *, rewind: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("window", window)):
             _check_count(name, value)
-        shape = (batch_size, num_kv_heads, window, head_dim)  # (B, KV, W, D): the ring
+        _check_count("rewind", rewind, 0)
+        self.slots = window + max(0, rewind - 1)  # W - 1 past tokens + 1 new, and room for the rejected ones
+        shape = (batch_size, num_kv_heads, self.slots, head_dim)  # (B, KV, slots, D): the ring
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = [0] * num_layers  # tokens seen per layer: positions keep counting, the ring does not grow
-        self.num_layers, self.window = num_layers, window
+        self.oldest = [0] * num_layers  # per layer, the oldest position whose slot still holds it
+        self.num_layers, self.window, self.rewind = num_layers, window, rewind
 
     @classmethod
-    def for_model(cls, model, batch_size: int, window: int | None = None, **kw) -> SlidingWindowCache:
+    def for_model(cls, model, batch_size: int, window: int | None = None, *, rewind: int = 0,
+                  **kw) -> SlidingWindowCache:
         """Size a cache for a ``kvcourse.llama.Llama`` (or a ``transformers`` Mistral): its own window by default.
 
         ``window`` may be larger than the model's ``sliding_window`` (wasted slots), never smaller, and a model
-        without a sliding window is refused (``check_window_fits``)."""
+        without a sliding window is refused (``check_window_fits``). ``rewind``: as for ``__init__``."""
         a = getattr(model, "args", None)
         if a is not None:
             layers, kv, d = a.num_layers, a.num_kv_heads, a.head_dim
@@ -110,7 +128,7 @@ class SlidingWindowCache:
         p = next(model.parameters())
         kw.setdefault("dtype", p.dtype)
         kw.setdefault("device", p.device)
-        return cls(layers, batch_size, kv, d, window, **kw)
+        return cls(layers, batch_size, kv, d, window, rewind=rewind, **kw)
 
     def _check_layer(self, layer_idx) -> None:
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
@@ -118,7 +136,7 @@ class SlidingWindowCache:
 
     def _slots(self, start: int, stop: int) -> torch.Tensor:
         """Ring slots of positions start..stop-1."""
-        return torch.arange(start, stop, device=self.keys[0].device) % self.window
+        return torch.arange(start, stop, device=self.keys[0].device) % self.slots
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store key/value (B, KV, T, D); return the kept past (up to W - 1 tokens) and the new ones, in time order."""
@@ -131,11 +149,12 @@ class SlidingWindowCache:
         past = self._slots(seen - kept, seen)  # (kept,): the slots of the latest kept positions, oldest first
         keys = torch.cat([ring_k.index_select(2, past), key], dim=2)  # (B, KV, kept + T, D), time order
         values = torch.cat([ring_v.index_select(2, past), value], dim=2)
-        n = min(t, self.window)  # of a long prompt, only the last W tokens can still be attended to later
-        slots = self._slots(seen + t - n, seen + t)  # (n,): position p goes to slot p % W
+        n = min(t, self.slots)  # of a long prompt, only the last ``slots`` tokens can be attended to or rewound to
+        slots = self._slots(seen + t - n, seen + t)  # (n,): position p goes to slot p % slots
         ring_k.index_copy_(2, slots, key[:, :, t - n:])
         ring_v.index_copy_(2, slots, value[:, :, t - n:])
         self.lengths[layer_idx] = seen + t
+        self.oldest[layer_idx] = max(self.oldest[layer_idx], seen + t - self.slots)  # the slots just overwritten
         return keys, values
 
     def window_slots(self, q_len: int, layer_idx: int = 0) -> tuple[int, int]:
@@ -158,7 +177,30 @@ class SlidingWindowCache:
 
     def reset(self) -> None:
         self.lengths = [0] * self.num_layers
+        self.oldest = [0] * self.num_layers
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens; a negative value drops that many from the end (``KVCache.crop``).
+
+        Allowed only if the window the next ``update`` returns, positions ``max(0, n - W + 1) .. n - 1``, is still
+        in the ring: always for up to ``max(1, rewind)`` of the latest tokens. Otherwise a ``ValueError`` naming
+        the oldest position held, and no layer changes.
+        """
+        new = [_cropped_length(max_length, n, i) for i, n in enumerate(self.lengths)]
+        for i, n in enumerate(new):
+            need = max(0, n - (self.window - 1))  # the oldest position the next update returns
+            if need < self.oldest[i]:
+                seen = self.lengths[i]
+                raise ValueError(
+                    f"crop({max_length}) cannot rewind layer {i} of this ring: it holds {seen} tokens and would keep "
+                    f"{n}, whose window (window={self.window}: positions {need}..{n - 1}) is no longer all in the "
+                    f"ring, as the oldest position still held is {self.oldest[i]} ({self.slots} slots; later "
+                    f"tokens overwrote the older ones). To drop up to k tokens (k drafted tokens in speculative "
+                    f"decoding), build it with SlidingWindowCache(..., rewind=k) (here k >= {seen - n})"
+                )
+        self.lengths = new
 
     def nbytes(self) -> int:
-        """Bytes allocated: ``window`` slots per layer for keys and values, whatever the length."""
+        """Bytes allocated: ``slots`` (``window + max(0, rewind - 1)``) per layer for keys and values, whatever
+        the length."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
