@@ -142,6 +142,9 @@ class Engine:
             raise RequestError(f"rewind: request {request_id!r} has finished ({req.finish_reason}) and its blocks are "
                                f"released; only a waiting or running request can be rewound")
         n, made = num_tokens, len(req.output)
+        if not made:
+            raise RequestError(f"rewind: request {request_id!r} has generated no token yet, so there is nothing to "
+                               f"rewind (a rewind never reaches into the prompt); got num_tokens={n!r}")
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= made:
             raise RequestError(f"rewind: request {request_id!r} has generated {made} tokens; num_tokens must be an int "
                                f"in 1..{made} (a rewind never reaches into the prompt), got {n!r}")
