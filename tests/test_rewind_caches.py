@@ -199,7 +199,7 @@ def test_for_model_passes_rewind():
 # ---- the int8 cache ---------------------------------------------------------------------------------------
 
 
-def test_int8_crop_into_the_residual_forgets_nothing():
+def test_int8_crop_within_the_residual_miscounts_it():
     """Only residual tokens dropped: int8 part untouched, residual cut."""
     g = torch.Generator().manual_seed(4)
     cache = int8(8)
