@@ -50,6 +50,7 @@ def register(t) -> None:
 
     # -- Engine.rewind: an unfinished request's generated tokens, never the prompt
     t.probe("serve.Engine.rewind", "unknown id", t.on(engine_with(1), "rewind", "zz", 1), names=("'zz'", "'r'"))
+    t.probe("serve.Engine.rewind", "an unhashable id", t.on(engine_with(1), "rewind", ["r"], 1), names=("['r']",))
     t.probe("serve.Engine.rewind", "nothing generated yet", t.on(engine_with(0), "rewind", "r", 1),
             names=("'r'", "no token", "prompt"))
     t.probe("serve.Engine.rewind", "more than generated", t.on(engine_with(2), "rewind", "r", 3),

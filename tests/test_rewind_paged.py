@@ -281,6 +281,7 @@ def test_rewound_request_differs_from_its_prompt_alone(model, rid, after, by):
     eng = serve(model, (rid, after, by))
     for other, r in eng.requests.items():
         assert r.status is Status.FINISHED and r.output == alone(model, r.prompt, r.max_new_tokens), other
+        assert len(r.token_times) == len(r.output), f"{other}: the rewound tokens' timestamps are still there"
         assert r.output == base.requests[other].output
     assert eng.stats.prefix_hit_tokens == base.stats.prefix_hit_tokens > 0, "the workload should hit the prefix cache"
     assert eng.stats.rewound_tokens == by
@@ -319,6 +320,8 @@ def test_preempted_request_rewound_keeps_its_tokens(model):
         eng.step()
     for r in reqs:
         assert r.output == alone(model, r.prompt, 16), r.request_id
+        assert len(r.token_times) == len(r.output) and r.first_token_time == r.token_times[0], \
+            f"{r.request_id}: a timestamp per token, the rewound ones' gone"
 
 
 def test_stale_prefix_hit_after_a_rewind(model):

@@ -133,7 +133,10 @@ class Engine:
         Refused with a ``RequestError``, changing nothing: an unknown or finished request, ``num_tokens`` not an
         int in 1..(tokens it generated): a rewind never reaches into the prompt.
         """
-        req = self.requests.get(request_id) if isinstance(request_id, str) else None
+        try:
+            req = self.requests.get(request_id)
+        except TypeError:  # an unhashable id (a list): no request has it
+            req = None
         if req is None:
             known = sorted(self.requests)
             raise RequestError(f"rewind: no request {request_id!r} in this engine (it holds {len(known)}: "
