@@ -21,6 +21,9 @@ from .devices import pick_device, pick_dtype
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bard"
 BUNDLED_NAMES = ("bard", "bundled", "kvcourse/bard")
+# The draft model of notebook 10 (speculative decoding): a smaller Llama on the bundled model's tokenizer.
+DRAFT_MODEL = Path(__file__).resolve().parent / "bard_draft"
+DRAFT_NAMES = ("bard_draft", "kvcourse/bard_draft")
 
 
 class ModelNotAvailableError(OSError):
@@ -33,7 +36,7 @@ def _offline_env() -> bool:
 
 
 def resolve_name(name: str | os.PathLike | None) -> str:
-    """The bundled model's folder for ``None``/"bard"; any other name unchanged."""
+    """The bundled model's folder for ``None``/"bard", the draft model's for "bard_draft"; any other name unchanged."""
     if name is None or str(name) in BUNDLED_NAMES:
         if not (BUNDLED_MODEL / "config.json").exists():
             raise ModelNotAvailableError(
@@ -41,6 +44,13 @@ def resolve_name(name: str | os.PathLike | None) -> str:
                 f"`python -m kvcourse.train --out {BUNDLED_MODEL}`"
             )
         return str(BUNDLED_MODEL)
+    if str(name) in DRAFT_NAMES:
+        if not (DRAFT_MODEL / "config.json").exists():
+            raise ModelNotAvailableError(
+                f"the draft model is missing from {DRAFT_MODEL}: reinstall kvcourse, or rebuild it with the command "
+                f"in kvcourse/bard_draft/README.md (python -m kvcourse.train --tokenizer kvcourse/bard ...)"
+            )
+        return str(DRAFT_MODEL)
     if not isinstance(name, str | os.PathLike):
         raise TypeError(f"model name must be a string or path, not {type(name).__name__}")
     return str(name)

