@@ -213,13 +213,14 @@ class Int8KVCache:
             self.quantized[i], self.in_residual[i], self.last_flush[i] = n, 0, None
         else:  # back into the last flush: replay its rule on the shorter last update
             q0, first, k, v = record
-            if first or n - q0 >= self.residual:  # it flushes too: int8 up to n
+            if n > q0 and (first or n - q0 >= self.residual):  # it flushes too: int8 up to n
                 if k is not None:  # requantize from the exact tokens, as that cache would
                     k, v = k[:, :, :n - q0], v[:, :, :n - q0]
                     self.qk[i][:, :, q0:n], self.sk[i][:, :, q0:n] = self.quantize(k)
                     self.qv[i][:, :, q0:n], self.sv[i][:, :, q0:n] = self.quantize(v)
                 self.quantized[i], self.in_residual[i], self.last_flush[i] = n, 0, (q0, first, k, v)
-            else:  # it does not: the exact tokens go back to the residual, and its last flush is an older one
+            else:  # it does not (or it was dropped whole): the exact tokens go back to the residual, and its
+                # last flush is an older one
                 self.rk[i][:, :, :n - q0] = k[:, :, :n - q0]
                 self.rv[i][:, :, :n - q0] = v[:, :, :n - q0]
                 self.quantized[i], self.in_residual[i], self.last_flush[i] = q0, n - q0, None

@@ -183,13 +183,13 @@ class SlidingWindowCache:
         """Keep the first ``max_length`` tokens; a negative value drops that many from the end (``KVCache.crop``).
 
         Allowed only if the window the next ``update`` returns, positions ``max(0, n - W + 1) .. n - 1``, is still
-        in the ring: always for up to ``max(1, rewind)`` of the latest tokens. Otherwise a ``ValueError`` naming
-        the oldest position held, and no layer changes.
+        in the ring: always for up to ``max(1, rewind)`` of the latest tokens, and for ``n = 0``. Otherwise a
+        ``ValueError`` naming the oldest position held, and no layer changes.
         """
         new = [_cropped_length(max_length, n, i) for i, n in enumerate(self.lengths)]
         for i, n in enumerate(new):
             need = max(0, n - (self.window - 1))  # the oldest position the next update returns
-            if need < self.oldest[i]:
+            if n > 0 and need < self.oldest[i]:  # crop(0) needs none: a ring that saw nothing
                 seen = self.lengths[i]
                 raise ValueError(
                     f"crop({max_length}) cannot rewind layer {i} of this ring: it holds {seen} tokens and would keep "
@@ -199,6 +199,7 @@ class SlidingWindowCache:
                     f"decoding), build it with SlidingWindowCache(..., rewind=k) (here k >= {seen - n})"
                 )
         self.lengths = new
+        self.oldest = [o if n else 0 for o, n in zip(self.oldest, new, strict=True)]
 
     def nbytes(self) -> int:
         """Bytes allocated: ``slots`` (``window + max(0, rewind - 1)``) per layer for keys and values, whatever

@@ -62,6 +62,8 @@ def register(t) -> None:
     probe(crop, "rewind=3 drops 3, not 4", on(lambda: _ring(t, 12, rewind=3), "crop", 8), names=("crop(8)", "k >= 4"))
     probe(crop, "rewind=3 drops 3", _then(lambda: _ring(t, 12, rewind=3), "crop", -3, read=lambda c: c.lengths),
           result=lambda r: r == [9, 9])
+    probe(crop, "to 0 after the ring wrapped", _then(lambda: _ring(t, 9), "crop", 0, read=lambda c: c.lengths),
+          result=lambda r: r == [0, 0])
     probe(crop, "before the ring wrapped: back to 1", _then(lambda: _ring(t, 3), "crop", 1, read=lambda c: c.lengths),
           result=lambda r: r == [1, 1])
     # -- quant ----------------------------------------------------------------------------------------------

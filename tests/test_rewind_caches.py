@@ -14,6 +14,7 @@ one, the first update's flush taken for a residual one, a refused crop that chan
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -127,7 +128,7 @@ def test_ring_without_spare_slots_loses_the_rewound_window(window, k, prompt):
     assert cache.slots == window + k - 1 and cache.keys[0].shape[2] == window + k - 1
 
 
-def test_plain_ring_drops_one_token_after_it_wrapped_and_refuses_two():
+def test_plain_ring_drops_one_token_after_it_wrapped_and_refuses_two_but_not_all():
     g = torch.Generator().manual_seed(1)
     cache = ring(4)
     feed(cache, 3, g)
@@ -147,6 +148,9 @@ def test_plain_ring_drops_one_token_after_it_wrapped_and_refuses_two():
         assert part in msg, f"{part!r} missing from: {msg}"
     assert cache.lengths == before.lengths and cache.oldest == before.oldest
     assert all(torch.equal(x, y) for x, y in zip(cache.keys + cache.values, before.keys + before.values, strict=True))
+    cache.crop(0)  # a ring that saw nothing needs no slot: always allowed
+    assert cache.lengths == [0, 0]
+    assert_same(cache, never_saw(cache, lambda: ring(4)), g, "crop(0)")
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -273,13 +277,15 @@ def test_int8_crop_past_an_earlier_flush_is_refused_and_changes_nothing():
 
 
 def test_int8_residual_zero_crops_anywhere():
-    """residual=0: every update quantizes, one scale per token, so any shorter history is int8 alike."""
+    """residual=0: every update quantizes, one scale per token, so any shorter history is int8 alike; a crop that
+    drops the last update whole quantizes nothing (it once requantized 0 tokens and raised)."""
     g = torch.Generator().manual_seed(9)
     cache = int8(0)
     for t in (4, 3, 1, 2):
         feed(cache, t, g)
-    cache.crop(2)
-    assert_same(cache, never_saw(cache, lambda: int8(0)), g, "residual=0, back into the prefill")
+    for n in (8, 7, 2):  # the last update dropped whole, then the one before, then back into the prefill
+        cache.crop(n)
+        assert_same(cache, never_saw(cache, lambda: int8(0)), g, f"residual=0, back to {n}")
 
 
 @pytest.mark.parametrize("residual,k", [(4, 3), (3, 5), (2, 2), (6, 6)])
@@ -316,6 +322,52 @@ def test_int8_draft_cache_fed_k_drafts_rewinds_with_residual_k(k):
             feed(cache, 1, g)
         with pytest.raises(ValueError, match=r"residual=k"):
             cache.crop(start)
+
+
+# ---- random feeds and crops --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_feeds_and_crops_differ_from_a_cache_that_never_saw_them(seed):
+    """Random calls of 1..6 tokens and crops (mostly 0..5 tokens dropped, else to any length). Every crop that succeeds leaves the cache equal
+    to one fed the kept calls; every refusal is a clean ValueError that changed nothing, and only where the
+    rewind is impossible: for the ring, a position of the rewound window was overwritten (a slot-by-slot
+    simulation); for the int8 cache, inside tokens quantized before (residual > 0, 0 < n < quantized)."""
+    rnd, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    if seed % 2:
+        window, rewind = rnd.randint(1, 6), rnd.randint(0, 4)
+        cache, plain = ring(window, rewind), lambda: ring(window)
+        slot_of: dict[int, int] = {}  # slot -> the position written there last
+    else:
+        residual = rnd.randint(0, 5)
+        cache = int8(residual, cap=200)
+        plain = lambda: int8(residual, cap=200)  # noqa: E731
+    crops = 0
+    for step in range(30):
+        seen = cache.get_seq_length()
+        if seen == 0 or rnd.random() < 0.6:
+            t = rnd.randint(1, 6)
+            feed(cache, t, g)
+            if seed % 2:
+                slot_of.update({p % cache.slots: p for p in range(seen, seen + t)})
+            continue
+        n = max(0, seen - rnd.randint(0, 5)) if rnd.random() < 0.7 else rnd.randint(0, seen)  # mostly near the end
+        before = copy.deepcopy(cache)
+        try:
+            cache.crop(n)
+        except ValueError as e:
+            assert str(e).startswith(f"crop({n}) cannot rewind"), e
+            if seed % 2:
+                held = set(slot_of.values())
+                assert not all(p in held for p in range(max(0, n - window + 1), n)), f"step {step}: refused {n}"
+                assert cache.lengths == before.lengths
+            else:
+                assert residual > 0 and 0 < n < cache.quantized[0], f"step {step}: refused {n}"
+                assert (cache.quantized, cache.in_residual) == (before.quantized, before.in_residual)
+            continue
+        crops += 1
+        assert_same(cache, never_saw(cache, plain), g, f"seed {seed} step {step}: crop({n}) of {seen}")
+    assert crops >= 3
 
 
 # ---- through the model: greedy speculative rounds, tokens and logits -------------------------------------
