@@ -291,6 +291,30 @@ def test_rewound_request_differs_from_its_prompt_alone(model, rid, after, by):
     assert eng.block_manager.num_used_blocks == 0
 
 
+def test_released_blocks_lose_their_right_names(model):
+    """The blocks a rewind releases still hold the keys and values of the tokens they were named for, so they keep
+    their names (as ``BlockManager.free`` keeps them). A sampled request fills 5 blocks of 4 (8 prompt + 12
+    generated tokens), is rewound to exactly 3 full blocks and draws other tokens. A later greedy prompt made of
+    its old 20 tokens finds all 5 blocks (19 tokens: its last is computed anyway), the 2 released ones included,
+    and gets ``kvcourse.generate``'s tokens."""
+    eng = Engine(model, num_blocks=64, block_size=4, max_num_batched_tokens=64, prefix_caching=True)
+    a = eng.add_request(request_id="a", prompt=[11, 200, 7, 1500, 42, 9, 300, 18], max_new_tokens=16,
+                        sampling=SamplingParams(temperature=1.5, seed=4))
+    while len(a.output) < 13:
+        eng.step()
+    old = a.tokens[:20]
+    eng.rewind("a", 8)  # 13 known tokens, 12 kept: 3 full blocks, the 4th and 5th released
+    assert len(a.block_table) == 3 and len(eng.block_manager.match_prefix(old)) == 5
+    while eng.has_unfinished():
+        eng.step()
+    assert a.tokens[:14] != old[:14], "the request drew the same token again: the test shows nothing (change the seed)"
+    d = eng.add_request(request_id="d", prompt=old, max_new_tokens=5)
+    while eng.has_unfinished():
+        eng.step()
+    assert d.num_cached_tokens == 19, f"found {d.num_cached_tokens} of the 20 tokens cached, not 19"
+    assert d.output == alone(model, old, 5)
+
+
 def test_rewind_of_every_generated_token_misses_the_prompt_end(model):
     """Rewinding all of 'a''s tokens: it recomputes its last prompt token (1 token) and starts again."""
     base = serve(model)
