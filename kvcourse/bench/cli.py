@@ -14,7 +14,8 @@ Three presets set the defaults; any option given explicitly overrides its preset
   tokens (docs/bench/h100/). Without CUDA it refuses to run, and says to use ``--quick``.
 
 ``--serve`` runs the serving benchmark instead (``kvcourse.bench.serve``; ``--serve --quick`` for its short
-variant).
+variant). ``--speculative`` runs the speculative-decoding benchmark instead (``kvcourse.bench.speculative``;
+``--speculative --quick`` for its short variant).
 
 ``--batch-sweep [METHOD]`` adds the batch sweep (``kvcourse.bench.sweep``) for each model, batch 1, 2,
 4, ... up to ``--batch-max`` (64 on CUDA, 32 elsewhere).
@@ -109,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the serving benchmark instead (kvcourse.bench.serve: static batching, transformers "
                         "continuous batching and the course engine on one workload); the options after it are "
                         "its own: python -m kvcourse.bench --serve --help")
+    p.add_argument("--speculative", action="store_true",
+                   help="run the speculative-decoding benchmark instead (kvcourse.bench.speculative: prompt lookup "
+                        "and the draft model at k = 1..8 against kvcourse.generate and transformers' assisted "
+                        "generation); the options after it are its own: python -m kvcourse.bench --speculative --help")
     return p.parse_args(argv)
 
 
@@ -177,12 +182,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvcourse.bench``: 0 when the run is written, 1 when a method's tokens were wrong.
 
-    ``--serve`` hands the other arguments to the serving benchmark (``kvcourse.bench.serve.main``)."""
+    ``--serve`` hands the other arguments to the serving benchmark (``kvcourse.bench.serve.main``), and
+    ``--speculative`` to the speculative-decoding benchmark (``kvcourse.bench.speculative.main``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--serve" in argv:
         from .serve import main as serve_main
 
         return serve_main([a for a in argv if a != "--serve"])
+    if "--speculative" in argv:
+        from .speculative import main as speculative_main
+
+        return speculative_main([a for a in argv if a != "--speculative"])
     args = parse_args(argv)
     plan = make_plan(args)
     try:
