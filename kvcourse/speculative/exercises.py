@@ -10,6 +10,7 @@ mistake only when the learner's result equals (or fits) it.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import torch
 
 from ..cache import KVCache
 from ..generate import _vocab_size, as_llama, generate
-from ..timing import time_it, under_autograder
+from ..timing import under_autograder
 from .decode import SpeculativeOutput, speculative_generate
 from .drafters import _check_context, _check_k
 from .verify import residual_distribution
@@ -33,11 +34,23 @@ ALPHA = 1e-3  # the false-alarm rate of each chi-square test: a correct sampler 
 
 
 # ---- measuring -------------------------------------------------------------------------------------------------
+def _fastest_cpu(fn: Callable, repeats: int) -> tuple[float, object]:
+    """(seconds, result): the least CPU time of this process over ``repeats`` calls of ``fn``. With one torch
+    thread that is the wall time an idle machine would show; unlike the wall time, other jobs sharing the
+    cores do not add to it (they still slow it a little, through the shared caches)."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.process_time()
+        result = fn()
+        best = min(best, time.process_time() - t0)
+    return best, result
+
+
 def forward_ms(model, context_len: int, sizes: Sequence[int], repeats: int = 30) -> dict[int, float]:
-    """Milliseconds of one forward pass of ``n`` new tokens against a ``KVCache`` already holding
+    """CPU milliseconds of one forward pass of ``n`` new tokens against a ``KVCache`` already holding
     ``context_len`` tokens, for each ``n`` in ``sizes`` (the cache is cropped back after every pass): the
-    fastest of ``repeats`` (on a shared machine the slower ones measure the neighbours' load). Under the
-    autograder a few repeats only: this cell grades nothing."""
+    least of ``repeats`` rounds that time every size in turn, after 2 rounds of warm-up (CPU time, as
+    ``_fastest_cpu``). Under the autograder a few rounds only: this cell grades nothing."""
     model = as_llama(model)
     _check_k(context_len)
     if context_len < 1 or not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
@@ -48,15 +61,16 @@ def forward_ms(model, context_len: int, sizes: Sequence[int], repeats: int = 30)
     cache = KVCache.for_model(model, 1, context_len + max(sizes))
     with torch.inference_mode():
         model(torch.randint(0, vocab, (1, context_len), generator=g), cache)
-        out = {}
-        for n in sizes:
-            x = torch.randint(0, vocab, (1, n), generator=g)  # (1, n)
-
-            def once(x=x):
+        xs = {n: torch.randint(0, vocab, (1, n), generator=g) for n in sizes}  # (1, n) each
+        best = dict.fromkeys(sizes, float("inf"))
+        for r in range(2 + (3 if under_autograder() else repeats)):  # the sizes interleaved: the same load for all
+            for n in sizes:
                 cache.crop(context_len)
-                model(x, cache)
-
-            out[n] = 1e3 * time_it(once, repeats=3 if under_autograder() else repeats, warmup=2).min
+                t0 = time.process_time()
+                model(xs[n], cache)
+                if r >= 2:  # 2 rounds of warm-up
+                    best[n] = min(best[n], time.process_time() - t0)
+        out = {n: 1e3 * best[n] for n in sizes}
     return out
 
 
@@ -64,6 +78,9 @@ def forward_ms(model, context_len: int, sizes: Sequence[int], repeats: int = 30)
 def count_forwards(model) -> Iterator[list[int]]:
     """Inside the block, every forward pass of ``model`` (a ``kvcourse.Llama``) appends its number of query
     tokens to the list yielded: proof of how many target passes a loop made, whatever it reports itself."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"count_forwards counts the forward passes of a torch module (a kvcourse Llama), got "
+                        f"{type(model).__name__}")
     lengths: list[int] = []
     handle = model.register_forward_pre_hook(lambda _m, args: lengths.append(int(args[0].shape[1])))
     try:
@@ -98,6 +115,9 @@ def tested_alpha(out: SpeculativeOutput) -> float:
     drafts the verifier *tested*. A step that kept m of k drafts tested m + 1 of them (the first rejected one
     ends it) or all k; drafts after a rejection were never tested, so ``out.acceptance_rate`` (kept over
     proposed) underestimates alpha."""
+    if not isinstance(out, SpeculativeOutput):
+        raise TypeError(f"tested_alpha reads a SpeculativeOutput (what speculative_generate returns), got "
+                        f"{type(out).__name__}")
     kept = sum(out.accepted)
     tested = sum(m + (m < p) for m, p in zip(out.accepted, out.proposed, strict=True))
     return kept / tested if tested else 0.0
@@ -106,19 +126,15 @@ def tested_alpha(out: SpeculativeOutput) -> float:
 def sweep(model, drafters: dict[str, Callable[[], object]], prompts: dict[str, torch.Tensor], ks: Sequence[int],
           max_new_tokens: int, repeats: int = 3) -> list[dict]:
     """For each prompt, drafter and k: a greedy speculative run, its target passes, tokens per pass, alpha
-    (``tested_alpha``), and its wall time against ``kvcourse.generate.generate`` on the same prompt (checked to
-    give the same tokens). Each time is the fastest of ``repeats`` runs, the plain loop timed again before each
-    drafter's runs (one run each under the autograder: the times grade nothing)."""
+    (``tested_alpha``), and its CPU time against ``kvcourse.generate.generate``'s on the same prompt (checked to
+    give the same tokens). Each time is the least of ``repeats`` runs (``_fastest_cpu``), the plain loop timed
+    again before each drafter's runs (one run each under the autograder: the times grade nothing)."""
     model = as_llama(model)
+    if not drafters or not prompts or not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"sweep needs drafters, prompts and ks (ints >= 1), got {len(drafters)} drafters, "
+                         f"{len(prompts)} prompts and ks={list(ks)!r}")
     repeats = 1 if under_autograder() else repeats
-
-    def fastest(fn):
-        best, result = float("inf"), None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            result = fn()
-            best = min(best, time.perf_counter() - t0)
-        return best, result
+    fastest = functools.partial(_fastest_cpu, repeats=repeats)
 
     rows = []
     for text, ids in prompts.items():
@@ -181,14 +197,18 @@ class UnsyncedDrafter:
         """k greedy drafts (k,) long. The cache then holds the context and the first k - 1 drafts."""
         ids = _check_context(context)
         _check_k(k)
-        self.last_proposed = k
         if k == 0:
+            self.last_proposed = 0
             return torch.zeros(0, dtype=torch.long), None
+        if len(ids) + k - 1 > self.cache.max_seq_len:
+            raise ValueError(f"the draft cache holds {self.cache.max_seq_len} tokens; a context of {len(ids)} and "
+                             f"{k} drafts need {len(ids) + k - 1}: build the UnsyncedDrafter with a larger max_seq_len")
         n = self.cache.get_seq_length()
         if n >= len(ids):
             raise AssertionError(f"the draft's cache holds {n} tokens but the context has only {len(ids)}: the "
                                  f"draft's cache was not rewound after the last verification (it still holds "
                                  f"rejected drafts)")
+        self.last_proposed = k
         self.fed = self.fed[:n] + ids[n:]
         x = torch.tensor([ids[n:]], dtype=torch.long, device=self.model.device)  # (1, T_new)
         logits = self.model(x, self.cache, last_only=True)[0, -1]  # (V,)
@@ -246,6 +266,10 @@ def rewind_hook(fn: Callable, drafter: UnsyncedDrafter, log: list, what: str = "
     """A ``rewind=`` hook for ``speculative_generate`` that calls ``fn(target_cache, draft_cache, proposed, kept)``
     and checks, after every step, the lengths both caches are left with (each step goes to ``log``)."""
 
+    if not isinstance(getattr(drafter, "cache", None), KVCache) or not hasattr(drafter, "last_proposed"):
+        raise TypeError(f"rewind_hook needs the UnsyncedDrafter whose cache the answer rewinds, got "
+                        f"{type(drafter).__name__}")
+
     def hook(cache, length: int) -> None:
         __tracebackhide__ = True
         n_t, n_d = cache.get_seq_length(), drafter.cache.get_seq_length()
@@ -290,6 +314,11 @@ def cache_mismatch(model, cache, tokens: Sequence[int], who: str) -> str:
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson's chi-square goodness of fit of ``counts`` to ``probs``; the p-value from the regularized upper
     incomplete gamma function. A count on an outcome of probability 0 gives 0.0 (impossible)."""
+    if not isinstance(counts, torch.Tensor) or not isinstance(probs, torch.Tensor) or counts.shape != probs.shape \
+            or counts.dim() != 1:
+        got = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in (counts, probs)]
+        raise ValueError(f"chi_square_pvalue takes counts and probabilities of the same shape (V,), got {got[0]} and "
+                         f"{got[1]}")
     counts, probs = counts.double(), probs.double()
     if bool((counts[probs <= 0] > 0).any()):
         return 0.0
