@@ -47,8 +47,9 @@ def recording(cls):
             return super().update(key, value, layer_idx)
 
         def crop(self, max_length):
+            held = self.get_seq_length()
             super().crop(max_length)
-            n, kept, pos = self.get_seq_length(), [], 0
+            n, kept, pos = (max_length if max_length >= 0 else held + max_length), [], 0  # not what crop says
             for call in getattr(self, "calls", []):
                 if pos >= n:
                     break
