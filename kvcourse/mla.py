@@ -394,8 +394,10 @@ class MLAModel(nn.Module):
         if cache is not None and not isinstance(cache, LatentCache):
             raise TypeError(f"MLAModel caches latents: cache must be a LatentCache (LatentCache.for_model(model, ...)), "
                             f"got {type(cache).__name__}")
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
         vocab = self.args.vocab_size
-        if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+        if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
             raise ValueError(f"input_ids must be token ids in 0..{vocab - 1} (vocab_size={vocab}), got ids from "
                              f"{int(input_ids.min())} to {int(input_ids.max())}")
         b, t = input_ids.shape
