@@ -8,7 +8,8 @@ caches one small vector per token and layer instead of a key and a value per hea
   recovered from it by one up-projection, ``kv_b_proj``: (kv_lora_rank) -> heads x (qk_nope_head_dim + v_head_dim);
 - the **decoupled RoPE key** ``k_rope`` (``qk_rope_head_dim`` numbers), projected by the same ``kv_a_proj_with_mqa``,
   rotated by its position and *shared by every head*. RoPE cannot act on the latent: a rotation between the
-  query and the up-projection would stop the up-projection from being folded into the query (the paper's 2.1.3).
+  query and the up-projection would stop the up-projection from being folded into the query (the paper's
+  argument for the decoupled key, section 2.1).
 
 A head's key is ``[k_nope_h ; k_rope]`` and its query ``[q_nope_h ; q_rope_h]``, both of
 ``qk_nope_head_dim + qk_rope_head_dim``, and the softmax scale is 1/sqrt of that sum. The query comes from
@@ -37,7 +38,7 @@ cache holds ``c_kv`` (normed) and ``k_rope`` (rotated). Only the plain RoPE type
 and is refused by name, as are MoE layers (build the model with ``first_k_dense_replace`` = the number of layers)
 and ``num_key_value_heads`` other than ``num_attention_heads``.
 
-References: DeepSeek-V2 (arXiv:2405.04434) section 2.1 and its appendix C; DeepSeek's reference inference code
+References: DeepSeek-V2 (arXiv:2405.04434) section 2.1; DeepSeek's reference inference code
 (``deepseek-ai/DeepSeek-V3``, ``inference/model.py``, ``attn_impl = "absorb"``); ``transformers``
 ``modeling_deepseek_v3.py``; Karpathy's nanoGPT for the style.
 """
@@ -446,7 +447,8 @@ PUBLISHED = {
     "Llama-3-70B (GQA)": {"kind": "gqa", "num_layers": 80, "num_kv_heads": 8, "head_dim": 128, "bytes": 2},
     # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json (as mirrored by
     # huggingface.co/mmnga/DeepSeek-V3-slice-jp64 and in transformers' DeepseekV3Config defaults): num_hidden_layers
-    # 61, kv_lora_rank 512, qk_rope_head_dim 64 (DeepSeek-V2 paper, section 2.1.4: d_c = 512 = 4 d_h, d_h^R = 64).
+    # 61, kv_lora_rank 512, qk_rope_head_dim 64 (DeepSeek-V2 uses the same 512 + 64: DeepSeek-V3's
+    # inference/configs/config_236B.json).
     "DeepSeek-V3 (MLA)": {"kind": "mla", "num_layers": 61, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "bytes": 2},
     # https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json: num_hidden_layers 32,
     # num_key_value_heads 8, hidden_size 4096 / 32 heads = head_dim 128, sliding_window 4096.
