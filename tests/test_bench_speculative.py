@@ -186,3 +186,16 @@ def test_quick_run_gives_wrong_tokens_or_drops_a_setting(tmp_path):
         assert f"| {name} |" in md
     assert json.loads((tmp_path / "speculative.json").read_text())["plan"]["ks"] == plan.ks
     assert (tmp_path / "speculative.png").stat().st_size > 0
+    # --render rewrites the same tables from the saved json, measuring nothing
+    again = tmp_path / "again"
+    assert spec.main(["--render", str(tmp_path / "speculative.json"), "--out", str(again)]) == 0
+    assert (again / "speculative.md").read_text() == md
+
+
+def test_render_takes_any_json(tmp_path):
+    with pytest.raises(SystemExit, match="not a file"):
+        spec.main(["--render", str(tmp_path / "missing.json")])
+    other = tmp_path / "serve.json"
+    other.write_text(json.dumps({"schema": "kvcourse-serve/1"}))
+    with pytest.raises(SystemExit, match="kvcourse-speculative/1"):
+        spec.main(["--render", str(other)])

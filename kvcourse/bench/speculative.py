@@ -395,18 +395,18 @@ def _describe(hf) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kvcourse.bench.speculative", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m kvcourse.bench.speculative", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 + 1 prompts, 24 tokens, k = 1, 2, 4, one round")
-    p.add_argument("--out", type=Path, default=Path("bench-out/speculative"))
+    p.add_argument("--out", type=Path, default=Path("bench-out/speculative"),
+                   help="output folder (default bench-out/speculative)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 192)")
-    p.add_argument("--ks", type=int, nargs="+", default=None, help="draft lengths (default 1..8)")
+    p.add_argument("--ks", type=int, nargs="+", default=None, help="draft lengths of ours and of prompt_lookup_num_tokens (default 1..8)")
     p.add_argument("--hf-draft-ks", type=int, nargs="+", default=None,
                    help="k of transformers' assisted generation with the draft model (default 1 2 4 8)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per text (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
     p.add_argument("--cost-reps", type=int, default=None, help="rounds of the step-cost measurement (default 30)")
-    p.add_argument("--draft", default="bard_draft", help="the draft model: bard_draft or a model folder")
+    p.add_argument("--draft", default="bard_draft", help="the draft model: bard_draft (default) or a model folder")
     p.add_argument("--no-default-assist", action="store_true", help="skip the transformers-defaults assisted row")
     p.add_argument("--threads", type=int, default=None, help="torch threads (the main run: 1)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
