@@ -40,8 +40,14 @@ refuses, and only when asked for by name.
 gate/up/down in each layer, and the ``lm_head``. A tied ``lm_head`` (the bundled model, SmolLM2) gets its
 own int8 copy and the embedding stays in full precision: a decode step reads the whole ``lm_head`` but only
 one row of the embedding per token, so quantizing the embedding would save almost no bytes per step (it
-would save memory held). The fast path (``kvcourse.fast``) is not covered: its ``FusedBlock`` holds raw
-tensors that ``F.linear`` reads, not modules to swap.
+would save memory held).
+
+The fast path (``kvcourse.fast``) has no modules to swap: its ``FusedBlock`` holds raw tensors that
+``F.linear`` reads. ``Int8DynamicGenerator`` is ``kvcourse.fast.DynamicGenerator`` with each fused matrix
+(``wqkv``, ``wo``, ``w_gate_up``, ``w_down``, ``lm_head``) quantized per output row; one scale per row of the
+fused matrix is one scale per output channel of q/k/v (gate/up), so the int8 values equal ``quantize_model``'s.
+It replaces the generator's three projection methods (``_qkv``, ``_out_and_mlp``, ``_logits``) with the same
+arithmetic on ``Int8Linear``s; the float fused copies are dropped.
 
 ``measure_decode`` times decode steps and counts the bytes one step reads, for float and int8 weights.
 
@@ -60,7 +66,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QMAX", "Int8Linear", "measure_decode", "quantize_model", "quantize_per_channel",
+from .fast import DynamicGenerator
+from .fast.fused import rms_norm
+from .generate import as_llama
+from .llama import Llama
+
+__all__ = ["QMAX", "Int8DynamicGenerator", "Int8Linear", "measure_decode", "quantize_model", "quantize_per_channel",
            "weight_bytes_per_step"]
 
 QMAX = 127  # symmetric int8: -127..127, so that -q is always an int8 too
@@ -188,9 +199,6 @@ class Int8Linear(nn.Module):
 
 
 def _as_course_llama(model, who: str):
-    from .generate import as_llama
-    from .llama import Llama
-
     llama = as_llama(model) if not isinstance(model, Llama) else model
     if not isinstance(llama, Llama):
         raise TypeError(f"{who} takes the course's kvcourse.llama.Llama (or a transformers LlamaForCausalLM), got "
@@ -246,6 +254,66 @@ def weight_bytes_per_step(model, batch: int = 1) -> int:
     return total + batch * emb.shape[1] * emb.element_size()
 
 
+class Int8DynamicGenerator(DynamicGenerator):
+    """``kvcourse.fast.DynamicGenerator`` whose fused matrices are ``Int8Linear`` (module docstring).
+
+    >>> gen = Int8DynamicGenerator(llama)          # quantizes the fused weights once
+    >>> out = gen.generate(input_ids, 64)          # (B, T) -> (B, T + 64), greedy
+    """
+
+    def __init__(self, model, *, compile: bool = False, max_seq_len: int | None = None,
+                 kernel: str = "int8pack"):
+        if kernel not in KERNELS:
+            raise ValueError(f"Int8DynamicGenerator: kernel must be one of {KERNELS}, got {kernel!r}")
+        super().__init__(model, compile=compile, max_seq_len=max_seq_len)
+
+        def int8(w, b=None) -> Int8Linear:
+            q, scales = quantize_per_channel(w)
+            return Int8Linear(q, scales.to(w.dtype), b, kernel=kernel)
+
+        self.int8_blocks = []  # per layer: {"qkv", "o", "gate_up", "down"} -> Int8Linear
+        with torch.no_grad():
+            for blk in self.blocks:
+                self.int8_blocks.append({"qkv": int8(blk.wqkv, blk.bqkv), "o": int8(blk.wo, blk.bo),
+                                         "gate_up": int8(blk.w_gate_up, blk.b_gate_up),
+                                         "down": int8(blk.w_down, blk.b_down)})
+                blk.wqkv = blk.wo = blk.w_gate_up = blk.w_down = None  # the float copies are not read again
+            self.int8_lm_head = int8(self.lm_head)
+        self._index = {id(blk): i for i, blk in enumerate(self.blocks)}
+
+    def weight_nbytes(self) -> int:
+        """Bytes of weights one decode step reads: the int8 matrices with their scales, the norms, one
+        embedding row (batch 1)."""
+        lins = [lin for d in self.int8_blocks for lin in d.values()] + [self.int8_lm_head]
+        norms = [t for blk in self.blocks for t in (blk.attn_norm, blk.mlp_norm)] + [self.norm]
+        return (sum(lin.nbytes() for lin in lins) + sum(t.numel() * t.element_size() for t in norms)
+                + self.embed.shape[1] * self.embed.element_size())
+
+    # The three methods of FastGeneratorBase that multiply by a weight, with Int8Linear for F.linear.
+    def _qkv(self, blk, x, cos, sin):
+        b, t, _ = x.shape
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        h = rms_norm(x, blk.attn_norm, self.eps)
+        qkv = self.int8_blocks[self._index[id(blk)]]["qkv"](h)  # (B, T, (H + 2KV) D)
+        qk = qkv[..., : (nh + nkv) * d].view(b, t, nh + nkv, d)  # (B, T, H + KV, D)
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, H, T, D)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, KV, T, D)
+        v = qkv[..., (nh + nkv) * d:].view(b, t, nkv, d).transpose(1, 2)  # (B, KV, T, D)
+        return q, k, v
+
+    def _out_and_mlp(self, blk, x, y):
+        b, t, _ = x.shape
+        lin = self.int8_blocks[self._index[id(blk)]]
+        x = x + lin["o"](y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # (B, T, C)
+        h = rms_norm(x, blk.mlp_norm, self.eps)
+        gate, up = lin["gate_up"](h).chunk(2, dim=-1)  # (B, T, I) each
+        return x + lin["down"](F.silu(gate) * up)  # (B, T, C)
+
+    def _logits(self, x):
+        return self.int8_lm_head(rms_norm(x[:, -1], self.norm, self.eps))  # (B, V)
+
+
 def _decode_times(llama, prompt: torch.Tensor, steps: int) -> tuple[list[float], torch.Tensor]:
     """Seconds of each of ``steps`` greedy decode steps after a prefill, and the tokens (1, T + steps + 1)."""
     from .cache import KVCache
@@ -267,14 +335,31 @@ def _decode_times(llama, prompt: torch.Tensor, steps: int) -> tuple[list[float],
     return times, torch.cat(out, dim=1)
 
 
+def _fast_decode_times(gen, prompt: torch.Tensor, steps: int) -> tuple[list[float], torch.Tensor]:
+    """Seconds of each decode step of a fast generator (between successive callbacks, gpt-fast's hook) and its
+    tokens (1, T + steps + 1)."""
+    from .devices import synchronize
+
+    stamps = []
+
+    def mark(_token):
+        synchronize(gen.device)
+        stamps.append(time.perf_counter())
+
+    out = gen.generate(prompt, steps + 1, callback=mark)  # the first callback follows the prefill
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)], out
+
+
 def measure_decode(model, *, dtypes=(torch.float32, torch.bfloat16), steps: int = 16, prompt_len: int = 16,
-                   seed: int = 0) -> list[dict]:
+                   fast: bool = False, seed: int = 0) -> list[dict]:
     """Decode ms/token and bytes per step, float weights against int8 weights, for each dtype.
 
     ``model``: a ``kvcourse.llama.Llama`` or a transformers Llama (e.g. ``shapes.random_model("SmolLM2-135M")``),
-    float32; it is copied, never changed. For each dtype, the float model and ``quantize_model`` of the float32
-    weights (scales then cast to the dtype) each prefill the same random prompt and decode ``steps`` greedy
-    tokens with a ``KVCache``. Rows: ``dtype``, ``weights`` ("float"/"int8"), ``ms_per_token`` (median step),
+    float32; it is copied, never changed. For each dtype, the float model and its int8 version each prefill the
+    same random prompt and decode ``steps`` greedy tokens. ``fast=False``: the course's Llama with a ``KVCache``
+    (``kvcourse.generate``), int8 = ``quantize_model`` of the float32 weights, scales then cast to the dtype.
+    ``fast=True``: ``kvcourse.fast.DynamicGenerator`` against ``Int8DynamicGenerator`` (which quantizes the
+    weights in the dtype). Rows: ``dtype``, ``weights`` ("float"/"int8"), ``ms_per_token`` (median step),
     ``weight_bytes`` and ``kv_bytes`` read per step (the cache at the middle of the run), ``bytes_per_step``
     (their sum), and for int8 ``tokens_equal`` (greedy tokens equal to the float model's, of ``steps + 1``).
     Times depend on the machine and its load: report them, never assert them.
@@ -285,29 +370,37 @@ def measure_decode(model, *, dtypes=(torch.float32, torch.bfloat16), steps: int 
     for name, value in (("steps", steps), ("prompt_len", prompt_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"measure_decode: {name} must be an int >= 1, got {value!r}")
-    if not dtypes or not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
-        raise ValueError(f"measure_decode: dtypes must be float torch dtypes, got {dtypes!r}")
+    if not isinstance(dtypes, tuple | list) or not dtypes or not all(
+            isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
+        raise ValueError(f"measure_decode: dtypes must be a tuple of float torch dtypes, got {dtypes!r}")
     if llama.dtype != torch.float32:
         raise ValueError(f"measure_decode quantizes from float32 weights, got a {llama.dtype} model")
     a = llama.args
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, a.vocab_size, (1, prompt_len), generator=gen).to(llama.device)
-    int8_base = quantize_model(llama)  # from the float32 weights, once
+    int8_base = None if fast else quantize_model(llama)  # from the float32 weights, once
     rows = []
     for dtype in dtypes:
         kv = kv_bytes_per_token_dims(a.num_layers, a.num_kv_heads, a.head_dim, torch.tensor([], dtype=dtype)
                                      .element_size()) * (prompt_len + 1 + steps // 2)
         tokens = {}
-        for kind, base in (("float", llama), ("int8", int8_base)):
-            m = copy.deepcopy(base).to(dtype)
-            times, tokens[kind] = _decode_times(m, prompt, steps)
-            wb = weight_bytes_per_step(m)
-            row = {"dtype": str(dtype).removeprefix("torch."), "weights": kind,
+        for kind in ("float", "int8"):
+            if fast:
+                m = copy.deepcopy(llama).to(dtype)
+                wb = weight_bytes_per_step(m)
+                g = Int8DynamicGenerator(m) if kind == "int8" else DynamicGenerator(m)
+                del m  # the generator holds what it reads
+                wb = g.weight_nbytes() if kind == "int8" else wb
+                times, tokens[kind] = _fast_decode_times(g, prompt, steps)
+            else:
+                m = copy.deepcopy(llama if kind == "float" else int8_base).to(dtype)
+                wb = weight_bytes_per_step(m)
+                times, tokens[kind] = _decode_times(m, prompt, steps)
+            row = {"dtype": str(dtype).removeprefix("torch."), "weights": kind, "path": "fast" if fast else "generate",
                    "ms_per_token": 1e3 * statistics.median(times), "weight_bytes": wb, "kv_bytes": kv,
                    "bytes_per_step": wb + kv, "steps": steps, "device": str(llama.device),
                    "threads": torch.get_num_threads()}
             if kind == "int8":
                 row["tokens_equal"] = int((tokens["int8"][0, prompt_len:] == tokens["float"][0, prompt_len:]).sum())
             rows.append(row)
-            del m
     return rows

@@ -63,6 +63,15 @@ def register(t) -> None:
     t.probe("int8_weights.Int8Linear.extra_repr", "names the kernel", t.on(lambda: q8(kernel="dequant"), "extra_repr"),
             result=lambda r: "kernel='dequant'" in r and "in_features=32" in r)
 
+    # Int8DynamicGenerator (the fast path)
+    t.probe("int8_weights.Int8DynamicGenerator", "an unknown kernel", t.call(
+        lambda: iw().Int8DynamicGenerator(t.llama(), kernel="fast")), names=("int8pack", "'fast'"))
+    t.probe("int8_weights.Int8DynamicGenerator", "a GPT-2", t.call(lambda: iw().Int8DynamicGenerator(t.gpt2())),
+            names=("Llama", "GPT2LMHeadModel"))
+    t.probe("int8_weights.Int8DynamicGenerator.weight_nbytes", "fresh", t.on(
+        lambda: iw().Int8DynamicGenerator(t.llama()), "weight_nbytes"),
+        result=lambda r: r == iw().weight_bytes_per_step(iw().quantize_model(t.llama())))
+
     # quantize_model
     t.probe("int8_weights.quantize_model", "an nn.Linear", t.call(lambda: iw().quantize_model(lin())),
             names=("Llama", "Linear"))

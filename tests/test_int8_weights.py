@@ -259,3 +259,53 @@ def test_measure_decode_rows_on_a_tiny_model():
         assert q["ms_per_token"] > 0 and 0 <= q["tokens_equal"] <= 4
     with pytest.raises(ValueError, match="steps.*0"):
         iw.measure_decode(transformers.LlamaForCausalLM(cfg).eval(), steps=0)
+
+
+# ---- the fast path --------------------------------------------------------------------------------------
+
+
+def test_fast_int8_generator_gives_the_tokens_of_the_quantized_model():
+    """Int8DynamicGenerator quantizes the fused rows (q|k|v, gate|up): per-row scales make that the same int8 values
+    as quantize_model's, so in float32 its 64 greedy tokens equal kvcourse.generate on quantize_model(model)."""
+    from kvcourse.generate import generate
+
+    model, tok = bundled()
+    prompt = tok(PROMPTS[0], return_tensors="pt").input_ids
+    gen = iw.Int8DynamicGenerator(model)
+    assert torch.equal(gen.generate(prompt, 64), generate(iw.quantize_model(model), prompt, 64))
+    assert gen.weight_nbytes() == iw.weight_bytes_per_step(iw.quantize_model(model))
+
+
+def test_fast_int8_decode_step_runs_one_int8_kernel_per_matrix():
+    """The mechanism: a decode step calls aten._weight_int8pack_mm 4 times a layer (qkv, o, gate_up, down) and once
+    for the lm_head, and no op returns a float matrix of the lm_head's shape (vocab, hidden)."""
+    model, tok = bundled()
+    a = model.args
+    gen = iw.Int8DynamicGenerator(model)
+    prompt = tok(PROMPTS[1], return_tensors="pt").input_ids
+    first = gen.generate(prompt, 1)[:, -1:]  # prefill (and one token): the decode step comes next
+    with _Ops() as ops:
+        gen.decode_one_token(first)
+    names = [name for name, _ in ops.calls]
+    assert names.count("aten._weight_int8pack_mm.default") == 4 * a.num_layers + 1
+    assert not any((a.vocab_size, a.hidden_size) in shapes for _, shapes in ops.calls)
+
+
+def test_fast_int8_generator_names_bad_input():
+    model, _ = bundled()
+    with pytest.raises(ValueError, match="kernel.*'fast'"):
+        iw.Int8DynamicGenerator(model, kernel="fast")
+    with pytest.raises(TypeError, match="Linear"):
+        iw.Int8DynamicGenerator(nn.Linear(4, 4))
+
+
+def test_measure_decode_fast_rows_on_a_tiny_model():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    rows = iw.measure_decode(transformers.LlamaForCausalLM(cfg).eval(), dtypes=(torch.float32,), steps=3,
+                             prompt_len=4, fast=True)
+    assert [(r["path"], r["weights"]) for r in rows] == [("fast", "float"), ("fast", "int8")]
+    assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"] and rows[1]["ms_per_token"] > 0
