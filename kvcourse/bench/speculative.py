@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from .speculative_report import SYSTEMS, aggregate
+from .speculative_report import SYSTEMS, aggregate, describe, environment, render
 
 # Held-out works (kvcourse.train.VAL_WORKS: Macbeth, Twelfth Night, the Sonnets), public domain; a few lines each.
 SHAKESPEARE = {
@@ -320,22 +320,6 @@ def run_text(m: Models, prompts: dict, plan: Plan, say=print) -> dict:
     return {"prompts": per_prompt, "rows": aggregate(per_prompt, sets, plan.new_tokens)}
 
 
-def environment(threads: int) -> dict:
-    import os
-    import platform
-
-    import transformers
-
-    from .harness import cpu_name
-    from .serve import _git, _load
-
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-            "torch_threads": threads, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "dtype": "float32", "git_commit": _git("rev-parse", "--short", "HEAD"),
-            "load_average_at_start": _load()}
-
-
 def run(plan: Plan, out_dir: Path | None, say=print) -> dict:
     from .serve import _load
 
@@ -365,33 +349,12 @@ def run(plan: Plan, out_dir: Path | None, say=print) -> dict:
                        "repeats": plan.repeats, "cost_reps": plan.cost_reps, "draft": plan.draft,
                        "repeat_ngram": REPEAT_NGRAM, "repeat_share_min": REPEAT_SHARE_MIN,
                        "rule_tokens": RULE_TOKENS},
-              "models": {"target": _describe(m.hf), "draft": _describe(m.draft_hf)},
+              "models": {"target": describe(m.hf), "draft": describe(m.draft_hf)},
               "pool": pool, "texts": texts, "costs": costs}
     if out_dir is not None:  # the measurements first: a report that fails to render loses nothing
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "speculative.json").write_text(json.dumps(report, indent=1, default=str))
     return render(report, out_dir, say)
-
-
-def render(report: dict, out_dir: Path | None, say=print) -> dict:
-    """Targets, speculative.md and speculative.png from a report (a fresh one, or a saved speculative.json)."""
-    from .speculative_report import markdown, plot, targets
-
-    report["targets"] = targets(report)
-    md = markdown(report)
-    say(md)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "speculative.json").write_text(json.dumps(report, indent=1, default=str))
-        (out_dir / "speculative.md").write_text(md)
-        plot(report, out_dir / "speculative.png")
-    return report
-
-
-def _describe(hf) -> dict:
-    c = hf.config
-    return {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size,
-            "params": sum(p.numel() for p in hf.parameters())}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""The speculative-decoding benchmark's tables, targets, cost model and plot (``kvcourse.bench.speculative``).
+"""The speculative-decoding benchmark's rows, tables, targets, cost model and plot (``kvcourse.bench.speculative``),
+and ``render``, which writes them from a fresh or a saved report.
 
 Per text and setting (one row): tokens/s (all tokens over the sum of the per-prompt median wall times), the
 ratios against ``kvcourse.generate`` and ``transformers`` ``generate`` from the same sums, by the wall clock and by
@@ -19,6 +20,8 @@ when the drafts cost more than the passes they save.
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -209,3 +212,41 @@ def plot(report: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def environment(threads: int) -> dict:
+    """Where and with what the run was made: CPU, threads, versions, commit, the load average at the start."""
+    import os
+    import platform
+
+    import torch
+    import transformers
+
+    from .harness import cpu_name
+    from .serve import _git, _load
+
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_threads": threads, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "dtype": "float32", "git_commit": _git("rev-parse", "--short", "HEAD"),
+            "load_average_at_start": _load()}
+
+
+def describe(hf) -> dict:
+    """Layers, hidden size, vocabulary and parameter count of a transformers model."""
+    c = hf.config
+    return {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size,
+            "params": sum(p.numel() for p in hf.parameters())}
+
+
+def render(report: dict, out_dir: Path | None, say=print) -> dict:
+    """Targets, speculative.md and speculative.png from a report (a fresh one, or a saved speculative.json)."""
+    report["targets"] = targets(report)
+    md = markdown(report)
+    say(md)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "speculative.json").write_text(json.dumps(report, indent=1, default=str))
+        (out_dir / "speculative.md").write_text(md)
+        plot(report, out_dir / "speculative.png")
+    return report
