@@ -314,7 +314,7 @@ class Int8DynamicGenerator(DynamicGenerator):
         return self.int8_lm_head(rms_norm(x[:, -1], self.norm, self.eps))  # (B, V)
 
 
-def _decode_times(llama, prompt: torch.Tensor, steps: int) -> tuple[list[float], torch.Tensor]:
+def _decode_times(llama, prompt: torch.Tensor, steps: int, clock=time.perf_counter) -> tuple[list[float], torch.Tensor]:
     """Seconds of each of ``steps`` greedy decode steps after a prefill, and the tokens (1, T + steps + 1)."""
     from .cache import KVCache
     from .devices import synchronize
@@ -327,15 +327,15 @@ def _decode_times(llama, prompt: torch.Tensor, steps: int) -> tuple[list[float],
         out.append(token)
         for _ in range(steps):
             synchronize(llama.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             token = decode_one_token(llama, token, cache).argmax(-1, keepdim=True)  # (1, 1)
             synchronize(llama.device)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
             out.append(token)
     return times, torch.cat(out, dim=1)
 
 
-def _fast_decode_times(gen, prompt: torch.Tensor, steps: int) -> tuple[list[float], torch.Tensor]:
+def _fast_decode_times(gen, prompt: torch.Tensor, steps: int, clock=time.perf_counter) -> tuple[list[float], torch.Tensor]:
     """Seconds of each decode step of a fast generator (between successive callbacks, gpt-fast's hook) and its
     tokens (1, T + steps + 1)."""
     from .devices import synchronize
@@ -344,14 +344,14 @@ def _fast_decode_times(gen, prompt: torch.Tensor, steps: int) -> tuple[list[floa
 
     def mark(_token):
         synchronize(gen.device)
-        stamps.append(time.perf_counter())
+        stamps.append(clock())
 
     out = gen.generate(prompt, steps + 1, callback=mark)  # the first callback follows the prefill
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)], out
 
 
 def measure_decode(model, *, dtypes=(torch.float32, torch.bfloat16), steps: int = 16, prompt_len: int = 16,
-                   fast: bool = False, seed: int = 0) -> list[dict]:
+                   fast: bool = False, cpu_time: bool = False, seed: int = 0) -> list[dict]:
     """Decode ms/token and bytes per step, float weights against int8 weights, for each dtype.
 
     ``model``: a ``kvcourse.llama.Llama`` or a transformers Llama (e.g. ``shapes.random_model("SmolLM2-135M")``),
@@ -362,7 +362,9 @@ def measure_decode(model, *, dtypes=(torch.float32, torch.bfloat16), steps: int 
     weights in the dtype). Rows: ``dtype``, ``weights`` ("float"/"int8"), ``ms_per_token`` (median step),
     ``weight_bytes`` and ``kv_bytes`` read per step (the cache at the middle of the run), ``bytes_per_step``
     (their sum), and for int8 ``tokens_equal`` (greedy tokens equal to the float model's, of ``steps + 1``).
-    Times depend on the machine and its load: report them, never assert them.
+    Times depend on the machine and its load: report them, never assert them. ``cpu_time=True`` times with
+    ``time.process_time`` (CPU seconds of this process: less disturbed by other work on a shared machine, and
+    meaningful with one thread only; ``row["clock"]`` says which).
     """
     from .memory import kv_bytes_per_token_dims
 
@@ -373,6 +375,11 @@ def measure_decode(model, *, dtypes=(torch.float32, torch.bfloat16), steps: int 
     if not isinstance(dtypes, tuple | list) or not dtypes or not all(
             isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
         raise ValueError(f"measure_decode: dtypes must be a tuple of float torch dtypes, got {dtypes!r}")
+    if cpu_time and (llama.device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError(f"measure_decode(cpu_time=True) needs a CPU model and one thread (torch.set_num_threads(1)), "
+                         f"got {llama.device} with {torch.get_num_threads()} threads: CPU seconds of several threads "
+                         f"add up, and a GPU's work is not the process's")
+    clock = time.process_time if cpu_time else time.perf_counter
     if llama.dtype != torch.float32:
         raise ValueError(f"measure_decode quantizes from float32 weights, got a {llama.dtype} model")
     a = llama.args
@@ -391,15 +398,15 @@ def measure_decode(model, *, dtypes=(torch.float32, torch.bfloat16), steps: int 
                 g = Int8DynamicGenerator(m) if kind == "int8" else DynamicGenerator(m)
                 del m  # the generator holds what it reads
                 wb = g.weight_nbytes() if kind == "int8" else wb
-                times, tokens[kind] = _fast_decode_times(g, prompt, steps)
+                times, tokens[kind] = _fast_decode_times(g, prompt, steps, clock)
             else:
                 m = copy.deepcopy(llama if kind == "float" else int8_base).to(dtype)
                 wb = weight_bytes_per_step(m)
-                times, tokens[kind] = _decode_times(m, prompt, steps)
+                times, tokens[kind] = _decode_times(m, prompt, steps, clock)
             row = {"dtype": str(dtype).removeprefix("torch."), "weights": kind, "path": "fast" if fast else "generate",
                    "ms_per_token": 1e3 * statistics.median(times), "weight_bytes": wb, "kv_bytes": kv,
                    "bytes_per_step": wb + kv, "steps": steps, "device": str(llama.device),
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "clock": "cpu" if cpu_time else "wall"}
             if kind == "int8":
                 row["tokens_equal"] = int((tokens["int8"][0, prompt_len:] == tokens["float"][0, prompt_len:]).sum())
             rows.append(row)

@@ -309,3 +309,22 @@ def test_measure_decode_fast_rows_on_a_tiny_model():
                              prompt_len=4, fast=True)
     assert [(r["path"], r["weights"]) for r in rows] == [("fast", "float"), ("fast", "int8")]
     assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"] and rows[1]["ms_per_token"] > 0
+
+
+def test_measure_decode_cpu_time_needs_one_thread():
+    """CPU seconds of a process add up over its threads: cpu_time=True is refused with more than one."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="one thread.*2 threads"):
+            iw.measure_decode(model, cpu_time=True)
+        torch.set_num_threads(1)
+        rows = iw.measure_decode(model, dtypes=(torch.float32,), steps=2, prompt_len=3, cpu_time=True)
+        assert {r["clock"] for r in rows} == {"cpu"}
+    finally:
+        torch.set_num_threads(before)
