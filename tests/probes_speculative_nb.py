@@ -78,6 +78,18 @@ def _exercises(t) -> None:
         lambda: ex().rewind_hint((10, 9), 4, 2, (8, 8))), result=lambda r: r == "")
     t.probe("speculative.exercises.call_rewind", "the answer raises", t.call(
         lambda: ex().call_rewind(boom, None, None, 2, 2)), names=("proposed=2", "kept=2", "boom"))
+    def rewind(target_cache, draft_cache, proposed, kept):
+        keep = target_cache.get_seq_length() - (proposed - kept)
+        target_cache.crop(keep)
+        draft_cache.crop(min(keep, draft_cache.get_seq_length()))
+
+    t.probe("speculative.exercises.check_rewind_step", "kept above k", t.call(
+        lambda: ex().check_rewind_step(rewind, t.llama(), t.llama(), [1, 2, 3], 2, 5)), names=("kept", "0..2", "5"))
+    t.probe("speculative.exercises.check_rewind_step", "a right rewind", t.call(
+        lambda: ex().check_rewind_step(rewind, t.llama(), t.llama(), [1, 2, 3], 3, 1)), result=lambda r: r is None)
+    t.probe("speculative.exercises.check_rewind_step", "a rewind that keeps the draft's cache", t.call(
+        lambda: ex().check_rewind_step(lambda tc, dc, p, k: tc.crop(tc.get_seq_length() - (p - k)), t.llama(),
+                                       t.llama(), [1, 2, 3], 3, 0)), names=("the DRAFT's was not",))
     t.probe("speculative.exercises.rewind_hook", "a drafter without a cache", t.call(
         lambda: ex().rewind_hook(boom, t.mod("speculative").PromptLookupDrafter(), [])),
         names=("UnsyncedDrafter", "PromptLookupDrafter"))

@@ -25,7 +25,7 @@ from .drafters import _check_context, _check_k
 from .verify import residual_distribution
 
 __all__ = ["ALPHA", "FRESH", "REPETITIVE", "UnsyncedDrafter", "cache_mismatch", "chi_square_pvalue",
-           "call_rewind", "count_forwards", "first_token_counts", "forward_ms", "greedy_variants", "rewind_hint", "rewind_hook",
+           "call_rewind", "check_rewind_step", "count_forwards", "first_token_counts", "forward_ms", "greedy_variants", "rewind_hint", "rewind_hook",
            "run_checked", "sampling_law", "sampling_hint", "sweep", "tested_alpha", "token_sources"]
 
 REPETITIVE = "The king, the king, the king"  # the bundled model's own greedy continuation repeats itself
@@ -287,6 +287,39 @@ def rewind_hook(fn: Callable, drafter: UnsyncedDrafter, log: list, what: str = "
                                  + (f"\nLikely cause: {hint}" if hint else ""))
 
     return hook
+
+
+def check_rewind_step(fn: Callable, target, draft, context: Sequence[int], k: int, kept: int) -> None:
+    """One verified step built for real: the draft proposes ``k`` tokens after ``context`` (its cache: the
+    context and d_1 .. d_(k-1)), the target runs the context but its last token x, then the verify pass over
+    x, d_1 .. d_k. Then ``fn(target_cache, draft_cache, k, kept)``, and the lengths and contents of both caches
+    against caches that saw only the context and the ``kept`` drafts. An ``AssertionError`` names what differs."""
+    __tracebackhide__ = True
+    target, draft = as_llama(target), as_llama(draft)
+    ids = _check_context(context)
+    _check_k(k)
+    if isinstance(kept, bool) or not isinstance(kept, int) or not 0 <= kept <= k:
+        raise ValueError(f"kept must be an int in 0..{k}, got {kept!r}")
+    drafter = UnsyncedDrafter(draft, len(ids) + k + 1)
+    drafts, _ = drafter.propose(ids, k)
+    t_cache = KVCache.for_model(target, 1, len(ids) + k + 1)
+    with torch.inference_mode():
+        target(torch.tensor([ids[:-1]], device=target.device), t_cache)  # the context but x
+        target(torch.tensor([[ids[-1], *drafts.tolist()]], device=target.device), t_cache)  # x, d_1 .. d_k
+    before = (t_cache.get_seq_length(), drafter.cache.get_seq_length())
+    call_rewind(fn, t_cache, drafter.cache, k, kept)
+    got = (t_cache.get_seq_length(), drafter.cache.get_seq_length())
+    want = (len(ids) + kept, min(len(ids) + kept, before[1]))
+    if got != want:
+        hint = rewind_hint(before, k, kept, got)
+        raise AssertionError(f"rewind_caches(target_cache, draft_cache, proposed={k}, kept={kept}): the caches held "
+                             f"{before[0]} (target) and {before[1]} (draft) tokens; after it {got[0]} and {got[1]}, "
+                             f"expected {want[0]} and {want[1]}" + (f"\nLikely cause: {hint}" if hint else ""))
+    accepted = ids + drafts[:kept].tolist()
+    for model, cache, who in ((target, t_cache, "target"), (draft, drafter.cache, "draft")):
+        bad = cache_mismatch(model, cache, accepted, who)
+        if bad:
+            raise AssertionError(f"rewind_caches(target_cache, draft_cache, proposed={k}, kept={kept}): {bad}")
 
 
 def cache_mismatch(model, cache, tokens: Sequence[int], who: str) -> str:
