@@ -25,7 +25,8 @@ torch 2.13 provides, checked here and in its source:
   bfloat16 has a vectorised kernel (AVX512: 16 values of K per load; AVX2: 8), with aligned loads and no
   remainder loop: with K = 30 it returned wrong numbers and with K = 7 it crashed the process (torch 2.13,
   AVX512), so ``Int8Linear`` refuses bfloat16 on the CPU unless ``in_features % 16 == 0`` and keeps x
-  64-byte aligned. float32 and float16 take a scalar C++ loop: correct, but on this course's CPU about 17x
+  64-byte aligned. On ARM (aarch64) the NEON kernel serves every dtype and reads K 8 at a time, also without
+  a remainder: refused there too unless ``in_features % 16 == 0`` (from the source; not run here). float32 and float16 take a scalar C++ loop: correct, but on this course's CPU about 17x
   slower than float32 ``F.linear`` (1.27 ms against 0.073 ms for 576 -> 1536, one thread). So on a CPU the
   bytes saved pay off in bfloat16 only.
 - CUDA (``aten/src/ATen/native/cuda/int8mm.cu``, pytorch main): any float x, converted to float32, one warp
@@ -59,6 +60,7 @@ prompt; one GPU for these rows): Llama-2-7B, 104.9 tokens/s in the base (bfloat1
 from __future__ import annotations
 
 import copy
+import platform
 import statistics
 import time
 
@@ -162,11 +164,17 @@ class Int8Linear(nn.Module):
         return sum(t.numel() * t.element_size() for t in held)
 
     def _kernel_refusal(self, x: torch.Tensor) -> str | None:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % _BF16_CPU_K:
-            return (f"_weight_int8pack_mm on the CPU in bfloat16 reads in_features {_BF16_CPU_K} at a time with no "
+        """Why the CPU kernel would be wrong for this x, or None. Its vectorised loops read K in blocks with no
+        remainder: bfloat16 on x86 (16 a block with AVX512), and every dtype on ARM (8 a block, NEON)."""
+        if x.device.type != "cpu" or self.in_features % _BF16_CPU_K == 0:
+            return None
+        arm = platform.machine().lower() in ("arm64", "aarch64")
+        if x.dtype == torch.bfloat16 or arm:
+            where = "on an ARM CPU" if arm else "on the CPU in bfloat16"
+            return (f"_weight_int8pack_mm {where} reads in_features in blocks of up to {_BF16_CPU_K} with no "
                     f"remainder loop (torch 2.13: wrong numbers or a crash); in_features={self.in_features} is not a "
-                    f"multiple of {_BF16_CPU_K}. Use float32, or Int8Linear(kernel='dequant'), which dequantizes "
-                    f"the whole matrix at every call")
+                    f"multiple of {_BF16_CPU_K}. Use Int8Linear(kernel='dequant'), which dequantizes the whole "
+                    f"matrix at every call" + ("" if arm else ", or float32"))
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

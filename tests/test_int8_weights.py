@@ -328,3 +328,12 @@ def test_measure_decode_cpu_time_needs_one_thread():
         assert {r["clock"] for r in rows} == {"cpu"}
     finally:
         torch.set_num_threads(before)
+
+
+def test_arm_cpu_refuses_in_features_off_the_kernel_block_in_every_dtype(monkeypatch):
+    """torch's NEON kernel (int8mm_kernel.cpp, aarch64) serves float32 too and reads K 8 at a time with no remainder:
+    on ARM an in_features of 30 is refused in float32 as well (simulated: no ARM machine here)."""
+    monkeypatch.setattr(iw.platform, "machine", lambda: "aarch64")
+    with pytest.raises(ValueError, match="ARM.*in_features=30"):
+        iw.Int8Linear.from_linear(nn.Linear(30, 8))(torch.randn(1, 30))
+    assert iw.Int8Linear.from_linear(nn.Linear(32, 8))(torch.randn(1, 32)).shape == (1, 8)
