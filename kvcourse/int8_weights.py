@@ -25,10 +25,11 @@ torch 2.13 provides, checked here and in its source:
   bfloat16 has a vectorised kernel (AVX512: 16 values of K per load; AVX2: 8), with aligned loads and no
   remainder loop: with K = 30 it returned wrong numbers and with K = 7 it crashed the process (torch 2.13,
   AVX512), so ``Int8Linear`` refuses bfloat16 on the CPU unless ``in_features % 16 == 0`` and keeps x
-  64-byte aligned. On ARM (aarch64) the NEON kernel serves every dtype and reads K 8 at a time, also without
-  a remainder: refused there too unless ``in_features % 16 == 0`` (from the source; not run here). float32 and float16 take a scalar C++ loop: correct, but on this course's CPU about 17x
-  slower than float32 ``F.linear`` (1.27 ms against 0.073 ms for 576 -> 1536, one thread). So on a CPU the
-  bytes saved pay off in bfloat16 only.
+  64-byte aligned. On x86, float32 and float16 take a scalar C++ loop: correct, but on this course's CPU
+  about 17x slower than float32 ``F.linear`` (1.27 ms against 0.073 ms for 576 -> 1536, one thread). So on
+  an x86 CPU the bytes saved pay off in bfloat16 only. On ARM (aarch64) the NEON kernel serves every dtype
+  and reads K 8 at a time, also without a remainder: refused there too unless ``in_features % 16 == 0``
+  (from the source; not run here).
 - CUDA (``aten/src/ATen/native/cuda/int8mm.cu``, pytorch main): any float x, converted to float32, one warp
   per output element, scales converted to float32, the result cast back to x's dtype. Not run here (no GPU).
 
@@ -52,9 +53,10 @@ arithmetic on ``Int8Linear``s; the float fused copies are dropped.
 
 ``measure_decode`` times decode steps and counts the bytes one step reads, for float and int8 weights.
 
-Reference figure (gpt-fast README, "Benchmarks"; 8xA100-80GB power-limited to 330 W, batch 1, a 5-token
-prompt; one GPU for these rows): Llama-2-7B, 104.9 tokens/s in the base (bfloat16) model against 155.58 with
-8-bit weights, 1397.31 and 1069.20 GB/s of effective memory bandwidth.
+Reference figure (gpt-fast README, "Benchmarks", https://github.com/pytorch-labs/gpt-fast#benchmarks, at
+commit 32971d3: A100-80GB power-limited to 330 W, batch 1, a 5-token prompt; its tensor-parallel table gives
+the same 104.9 for one GPU): Llama-2-7B, 104.9 tokens/s for the base model (``generate.py`` runs it in
+bfloat16) against 155.58 with 8-bit weights, at 1397.31 and 1069.20 GB/s of effective memory bandwidth.
 """
 
 from __future__ import annotations
@@ -343,7 +345,8 @@ def _decode_times(llama, prompt: torch.Tensor, steps: int, clock=time.perf_count
     return times, torch.cat(out, dim=1)
 
 
-def _fast_decode_times(gen, prompt: torch.Tensor, steps: int, clock=time.perf_counter) -> tuple[list[float], torch.Tensor]:
+def _fast_decode_times(gen, prompt: torch.Tensor, steps: int,
+                       clock=time.perf_counter) -> tuple[list[float], torch.Tensor]:
     """Seconds of each decode step of a fast generator (between successive callbacks, gpt-fast's hook) and its
     tokens (1, T + steps + 1)."""
     from .devices import synchronize

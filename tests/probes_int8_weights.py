@@ -59,7 +59,8 @@ def register(t) -> None:
             result=lambda r: tuple(r.shape) == (2, 3, 8))
     t.probe("int8_weights.Int8Linear.dequantize", "fresh", t.on(q8, "dequantize"),
             result=lambda r: tuple(r.shape) == (8, 32) and r.dtype == torch.float32)
-    t.probe("int8_weights.Int8Linear.nbytes", "with bias", t.on(q8, "nbytes"), result=lambda r: r == 8 * 32 + 4 * 8 + 4 * 8)
+    t.probe("int8_weights.Int8Linear.nbytes", "with bias", t.on(q8, "nbytes"),
+            result=lambda r: r == 8 * 32 + 4 * 8 + 4 * 8)
     t.probe("int8_weights.Int8Linear.extra_repr", "names the kernel", t.on(lambda: q8(kernel="dequant"), "extra_repr"),
             result=lambda r: "kernel='dequant'" in r and "in_features=32" in r)
 

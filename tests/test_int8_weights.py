@@ -101,7 +101,8 @@ class _Ops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        shapes = [tuple(o.shape) for o in (out if isinstance(out, tuple | list) else [out]) if isinstance(o, torch.Tensor)]
+        outs = out if isinstance(out, tuple | list) else [out]
+        shapes = [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]
         self.calls.append((str(func), shapes))
         return out
 
@@ -188,9 +189,11 @@ def test_quantize_model_swaps_every_linear_and_leaves_the_original():
     model, _ = bundled()
     q = iw.quantize_model(model)
     a = model.args
-    assert sum(isinstance(m, iw.Int8Linear) for m in q.modules()) == 7 * a.num_layers + 1  # q k v o gate up down, lm_head
+    # q k v o gate up down in each layer, and the lm_head
+    assert sum(isinstance(m, iw.Int8Linear) for m in q.modules()) == 7 * a.num_layers + 1
     assert not any(isinstance(m, nn.Linear) for m in q.modules())
-    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()  # untouched
+    assert isinstance(model.lm_head, nn.Linear)  # the original is untouched, its lm_head still the embedding
+    assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
     assert q.embed.weight.dtype == torch.float32  # the embedding is not quantized
     kept = iw.quantize_model(model, lm_head=False)
     assert isinstance(kept.lm_head, nn.Linear)
