@@ -126,6 +126,7 @@ class EvictingCache:
         self.scores: list[torch.Tensor | None] = [None] * n  # (B, KV, n) float32: the policy's score (H2O)
         self.lengths = [0] * n  # tokens seen per layer: the position of the next one
         self._pending: tuple[int, int, int] | None = None  # (layer, new tokens, keys returned) awaiting attention
+        self._undo: tuple | None = None  # the layer's state before that update, restored if attention refuses
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (the position of the next one), not the number kept."""
@@ -172,6 +173,8 @@ class EvictingCache:
             values = torch.cat([self.values[layer_idx], value], dim=2)
             pos = torch.cat([self.positions[layer_idx], new_pos], dim=2)  # (B, KV, n + T)
             scores = torch.cat([self.scores[layer_idx], torch.zeros(b, kv, t, device=key.device)], dim=2)
+        self._undo = (self.keys[layer_idx], self.values[layer_idx], self.positions[layer_idx],
+                      self.scores[layer_idx], seen)  # nothing below is written in place: these stay valid
         self.keys[layer_idx], self.values[layer_idx] = keys, values
         self.positions[layer_idx], self.scores[layer_idx] = pos, scores
         self.lengths[layer_idx] = seen + t
@@ -179,8 +182,12 @@ class EvictingCache:
         return keys, values
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
-        """The ``attn_fn`` hook: ``sdpa_attention(q, k, v)`` (B, H, T, D), then score and evict the layer just updated."""
+        """The ``attn_fn`` hook: ``sdpa_attention(q, k, v)`` (B, H, T, D), then score and evict the layer just updated.
+
+        A refused call also takes back the ``update`` it belonged to, so the cache is as before that forward's layer.
+        """
         if mask is not None:
+            self._rollback()
             raise ValueError(f"{type(self).__name__} does not take a padded batch (attention_mask): every row must be "
                              f"real tokens, as kept positions are per head, not per padded row")
         if self._pending is None:
@@ -190,6 +197,7 @@ class EvictingCache:
         rep = q.shape[1] // self.num_kv_heads if q.dim() == 4 else 0
         if (q.dim() != 4 or k.shape[2] != n or q.shape[2] != t or rep < 1 or q.shape[1] != rep * self.num_kv_heads
                 or k.shape[1] != q.shape[1]):
+            self._rollback()
             raise ValueError(f"{type(self).__name__}.attention expects q (B, H, {t}, D) and k, v repeated to H heads "
                              f"with the {n} keys update returned for layer {layer}, H a multiple of "
                              f"{self.num_kv_heads}; got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -199,10 +207,17 @@ class EvictingCache:
             w = attention_weights(q, k)  # (B, H, T, n)
             weights = w.view(q.shape[0], self.num_kv_heads, rep, t, n)  # (B, KV, rep, T, n): repeat_kv's order
         keep = self._select(layer, t, weights)  # (B, KV, m) ascending indices, or None
-        self._pending = None
+        self._pending = self._undo = None
         if keep is not None:
             self._keep(layer, keep)
         return y
+
+    def _rollback(self) -> None:
+        if self._pending is not None and self._undo is not None:
+            layer = self._pending[0]
+            (self.keys[layer], self.values[layer], self.positions[layer], self.scores[layer],
+             self.lengths[layer]) = self._undo
+        self._pending = self._undo = None
 
     # ---- policy ---------------------------------------------------------------------------------------
     def _wants_weights(self, layer: int, t: int) -> bool:

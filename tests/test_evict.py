@@ -300,6 +300,9 @@ def test_padded_batch_refused_by_name():
     cache = StreamingLLMCache.for_model(model, 1, 4, sinks=1)
     with pytest.raises(ValueError, match="padded batch"):
         model(ids_of(6), cache, attn_fn=cache.attention, attention_mask=torch.ones(1, 6, dtype=torch.long))
+    assert cache.get_seq_length() == 0 and cache.kept_length() == 0  # the layer-0 update was taken back
+    evict_generate(model, ids_of(6), cache, 2)  # and the cache still works
+    assert cache.kept_length(1) == 4
 
 
 @pytest.mark.parametrize("make,match", [
