@@ -1,8 +1,9 @@
 """The speculative-decoding benchmark (issue 24): both drafters of ``kvcourse.speculative`` at k = 1..8 against
 the plain cached generator and ``transformers``' assisted generation, in one run, on the same prompts.
 
-    OMP_NUM_THREADS=1 python -m kvcourse.bench.speculative          # main run: 2 + 2 prompts x 192 tokens
-    OMP_NUM_THREADS=1 python -m kvcourse.bench.speculative --quick  # 1 + 1 prompts x 24 tokens, k = 1, 2, 4
+    OMP_NUM_THREADS=1 python -m kvcourse.bench.speculative          # main run: 2 + 2 prompts x 192 tokens,
+                                                                     # 9 to 13 min on 2 loaded cores
+    OMP_NUM_THREADS=1 python -m kvcourse.bench.speculative --quick  # 1 + 1 prompts x 24 tokens, k = 1, 2, 4: 12 s
     python -m kvcourse.bench --speculative [--quick]                 # the same, from the main command line
 
 Target: the bundled model (``load_model()``), float32, CPU, batch 1, greedy; draft: ``kvcourse/bard_draft``
