@@ -42,7 +42,7 @@ import kvcourse
 PACKAGE = Path(kvcourse.__file__).resolve().parent
 MODULES = ("batching", "window", "quant", "paged", "fast", "cache", "grading", "generate", "llama", "memory",
            "models", "shapes", "checks", "timing", "devices", "instructor", "cli", "plots", "serve",
-           "speculative", "mla")
+           "speculative", "speculative.exercises", "speculative.plots", "mla")
 V = 64  # vocab of the tiny models
 
 

@@ -31,6 +31,10 @@ continuous batching, the course engine), ``serve_report.py`` (figures, tables, t
 ``serve.py`` (the run and its options; not imported here, so that ``python -m kvcourse.bench.serve`` runs it
 cleanly); results in docs/bench/serve.md.
 
+The speculative-decoding benchmark (issue 24), ``python -m kvcourse.bench.speculative [--quick]`` or ``python -m
+kvcourse.bench --speculative``: ``speculative.py`` (prompts, systems, the run, the cost of each pass) and
+``speculative_report.py`` (ratios, targets, the cost model, tables, the plot); results in docs/bench/speculative.md.
+
 Outputs in ``--out`` (default ``bench-out/``): ``bench.json`` (every figure, raw times, environment),
 ``bench.md`` (the tables, also printed), ``time_per_token.png``, ``cache_update.png`` and, with
 ``--batch-sweep``, ``batch_sweep.png``.
