@@ -48,8 +48,8 @@ The fast path (``kvcourse.fast``) has no modules to swap: its ``FusedBlock`` hol
 ``F.linear`` reads. ``Int8DynamicGenerator`` is ``kvcourse.fast.DynamicGenerator`` with each fused matrix
 (``wqkv``, ``wo``, ``w_gate_up``, ``w_down``, ``lm_head``) quantized per output row; one scale per row of the
 fused matrix is one scale per output channel of q/k/v (gate/up), so the int8 values equal ``quantize_model``'s.
-It replaces the generator's three projection methods (``_qkv``, ``_out_and_mlp``, ``_logits``) with the same
-arithmetic on ``Int8Linear``s; the float fused copies are dropped.
+It overrides the one method through which ``FastGeneratorBase`` multiplies by a weight, ``_linear``, with the
+layer's ``Int8Linear``; the float fused copies are dropped.
 
 ``measure_decode`` times decode steps and counts the bytes one step reads, for float and int8 weights.
 
@@ -71,7 +71,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast import DynamicGenerator
-from .fast.fused import rms_norm
 from .generate import as_llama
 from .llama import Llama
 
@@ -299,29 +298,10 @@ class Int8DynamicGenerator(DynamicGenerator):
         return (sum(lin.nbytes() for lin in lins) + sum(t.numel() * t.element_size() for t in norms)
                 + self.embed.shape[1] * self.embed.element_size())
 
-    # The three methods of FastGeneratorBase that multiply by a weight, with Int8Linear for F.linear.
-    def _qkv(self, blk, x, cos, sin):
-        b, t, _ = x.shape
-        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
-        h = rms_norm(x, blk.attn_norm, self.eps)
-        qkv = self.int8_blocks[self._index[id(blk)]]["qkv"](h)  # (B, T, (H + 2KV) D)
-        qk = qkv[..., : (nh + nkv) * d].view(b, t, nh + nkv, d)  # (B, T, H + KV, D)
-        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
-        q = qk[:, :, :nh].transpose(1, 2)  # (B, H, T, D)
-        k = qk[:, :, nh:].transpose(1, 2)  # (B, KV, T, D)
-        v = qkv[..., (nh + nkv) * d:].view(b, t, nkv, d).transpose(1, 2)  # (B, KV, T, D)
-        return q, k, v
-
-    def _out_and_mlp(self, blk, x, y):
-        b, t, _ = x.shape
-        lin = self.int8_blocks[self._index[id(blk)]]
-        x = x + lin["o"](y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # (B, T, C)
-        h = rms_norm(x, blk.mlp_norm, self.eps)
-        gate, up = lin["gate_up"](h).chunk(2, dim=-1)  # (B, T, I) each
-        return x + lin["down"](F.silu(gate) * up)  # (B, T, C)
-
-    def _logits(self, x):
-        return self.int8_lm_head(rms_norm(x[:, -1], self.norm, self.eps))  # (B, V)
+    def _linear(self, x, blk, name):
+        """FastGeneratorBase's one weight multiply, with the int8 matrix of that layer (or of the LM head)."""
+        lin = self.int8_lm_head if blk is None else self.int8_blocks[self._index[id(blk)]][name]
+        return lin(x)
 
 
 def _decode_times(llama, prompt: torch.Tensor, steps: int, clock=time.perf_counter) -> tuple[list[float], torch.Tensor]:

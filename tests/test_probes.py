@@ -42,7 +42,8 @@ import kvcourse
 PACKAGE = Path(kvcourse.__file__).resolve().parent
 MODULES = ("batching", "window", "quant", "paged", "fast", "cache", "grading", "generate", "llama", "memory",
            "models", "shapes", "checks", "timing", "devices", "instructor", "cli", "plots", "serve",
-           "speculative", "speculative.exercises", "speculative.plots", "mla")
+           "speculative", "speculative.exercises", "speculative.plots", "mla",
+           "int8_weights")
 V = 64  # vocab of the tiny models
 
 

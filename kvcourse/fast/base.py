@@ -128,7 +128,7 @@ class FastGeneratorBase:
         b, t, _ = x.shape
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         h = rms_norm(x, blk.attn_norm, self.eps)
-        qkv = F.linear(h, blk.wqkv, blk.bqkv)  # (B, T, (H + 2KV) D)
+        qkv = self._linear(h, blk, "qkv")  # (B, T, (H + 2KV) D)
         qk = qkv[..., : (nh + nkv) * d].view(b, t, nh + nkv, d)  # (B, T, H + KV, D)
         qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
         q = qk[:, :, :nh].transpose(1, 2)  # (B, H, T, D)
@@ -139,14 +139,25 @@ class FastGeneratorBase:
     def _out_and_mlp(self, blk: FusedBlock, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The attention output y (B, H, T, D) through o_proj into the residual, then the MLP: x (B, T, C)."""
         b, t, _ = x.shape
-        x = x + F.linear(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), blk.wo, blk.bo)  # (B, T, C)
+        x = x + self._linear(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), blk, "o")  # (B, T, C)
         h = rms_norm(x, blk.mlp_norm, self.eps)
-        gate, up = F.linear(h, blk.w_gate_up, blk.b_gate_up).chunk(2, dim=-1)  # (B, T, I) each
-        return x + F.linear(F.silu(gate) * up, blk.w_down, blk.b_down)  # (B, T, C)
+        gate, up = self._linear(h, blk, "gate_up").chunk(2, dim=-1)  # (B, T, I) each
+        return x + self._linear(F.silu(gate) * up, blk, "down")  # (B, T, C)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = rms_norm(x[:, -1], self.norm, self.eps)  # (B, C): the last position only
-        return F.linear(x, self.lm_head)  # (B, V)
+        return self._linear(x, None, "lm_head")  # (B, V)
+
+    _WEIGHTS = {"qkv": ("wqkv", "bqkv"), "o": ("wo", "bo"), "gate_up": ("w_gate_up", "b_gate_up"),
+                "down": ("w_down", "b_down")}
+
+    def _linear(self, x: torch.Tensor, blk: FusedBlock | None, name: str) -> torch.Tensor:
+        """x times one fused weight of layer ``blk`` ("qkv", "o", "gate_up", "down"), or the LM head (``blk`` None).
+        The one place a weight multiplies: ``kvcourse.int8_weights.Int8DynamicGenerator`` swaps it for int8."""
+        if blk is None:
+            return F.linear(x, self.lm_head)
+        w, b = self._WEIGHTS[name]
+        return F.linear(x, getattr(blk, w), getattr(blk, b))
 
     def _forward(self, ids: torch.Tensor, pos: int, causal: bool = False, positions: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None, rows: slice | None = None) -> torch.Tensor:
