@@ -312,6 +312,11 @@ class SnapKVCache(EvictingCache):
 
     def votes(self, weights: torch.Tensor) -> torch.Tensor:
         """(B, KV, T - window) pooled votes from prefill weights (B, KV, rep, T, T): SnapKV's scores per KV head."""
+        if not isinstance(weights, torch.Tensor) or weights.dim() != 5 or weights.shape[1] != self.num_kv_heads \
+                or weights.shape[3] != weights.shape[4] or weights.shape[3] <= self.window:
+            got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+            raise ValueError(f"SnapKVCache.votes expects prefill weights (batch, kv_heads={self.num_kv_heads}, "
+                             f"group, T, T) with T > window={self.window}, got {got}")
         b, kv, rep, t, _ = weights.shape
         w = self.window
         vote = weights[:, :, :, t - w:, : t - w].sum(dim=3)  # (B, KV, rep, T - w): the last w queries, prefix keys
@@ -439,6 +444,15 @@ def measure_retrieval(model=None, tokenizer=None, *, budgets=(32, 64, 128, 256),
     from .llama import Llama
     from .models import load_model
 
+    known = ("full", "window", "streamingllm", "h2o", "snapkv")
+    bad = [p for p in policies if p not in known]
+    if bad:
+        raise ValueError(f"measure_retrieval: unknown policies {bad}; expected some of {', '.join(known)}")
+    for b in budgets:
+        _check_int("each budget", b, 2)
+    if model is not None and tokenizer is None:
+        raise ValueError("measure_retrieval: a model given needs its tokenizer too (tokenizer=...); with neither, "
+                         "the bundled model and its tokenizer are loaded")
     if model is None:
         model, tokenizer = load_model(device="cpu")
     llama = model if isinstance(model, Llama) else Llama.from_hf(model)
@@ -485,6 +499,11 @@ def _row(name, budget, prompts, got, ref) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of ``measure_retrieval``'s rows."""
+    need = ("policy", "budget", "retrieval", "agreement", "max_logit_err", "mean_logit_err")
+    for r in rows:
+        if not isinstance(r, dict) or any(k not in r for k in need):
+            raise ValueError(f"format_table takes measure_retrieval's rows, dicts with keys {', '.join(need)}; got "
+                             f"{r if not isinstance(r, dict) else sorted(r)}")
     head = "| policy | budget | retrieval | agreement | max logit err | mean logit err |\n|---|---|---|---|---|---|"
     lines = [f"| {r['policy']} | {r['budget'] or 'all'} | {r['retrieval']:.2f} | {r['agreement']:.3f} | "
              f"{r['max_logit_err']:.3f} | {r['mean_logit_err']:.3f} |" for r in rows]
