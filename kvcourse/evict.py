@@ -3,24 +3,25 @@
 Three policies, each a small subclass of ``EvictingCache``:
 
 - ``StreamingLLMCache``: the first ``sinks`` tokens (the "attention sinks") and the latest ``budget - sinks``
-  (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks", arXiv:2309.17453, section 3.2,
-  "Rolling KV cache with attention sinks": 4 initial tokens by default). ``sinks=0`` is the window alone.
+  (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks", arXiv:2309.17453: "just 4 initial
+  tokens sufficing", its introduction; kvpress' ``n_sink=4``). ``sinks=0`` is the window alone.
 - ``H2OCache``: heavy hitters plus recent tokens (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle", arXiv:2306.14048,
-  Algorithm 1, the greedy H2 eviction). Each kept token's score is the attention it received, summed over every
-  query so far (prompt and generated); after every forward, once over budget, a head keeps its ``budget - heavy``
-  latest tokens and the ``heavy`` highest-scored older ones. The split follows the authors' code
+  its greedy eviction as the authors' code runs it). Each kept token's score is the attention it received,
+  summed over every query so far (prompt and generated); after every forward, once over budget, a head keeps
+  its ``budget - heavy`` latest tokens and the ``heavy`` highest-scored older ones. The split follows the authors' code
   (FMInference/H2O, ``h2o_hf/utils_real_drop/modify_llama.py``: ``hh_size`` + ``recent_size``, scores accumulated
   as ``attn_weights.sum(0).sum(1)``, top-``hh_size`` of the non-recent tokens, sorted); the default is half and half,
   as llama-recipes' H2O recipe (``recipes/experimental/long_context/H2O/README.md``: "the number of local and
   heavy-hitter KV pairs equals to half of --num_window_length").
 - ``SnapKVCache``: one compression after the prefill (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for
-  Before Generation", arXiv:2404.14469, section 4, Listing 1; FasterDecoding/SnapKV
-  ``snapkv/monkeypatch/snapkv_utils.py``). The last ``window`` queries of the prompt vote: their attention weights
-  over the prompt before the window are summed over those queries, pooled along the sequence (``avg`` or ``max``,
-  ``kernel_size``, padding ``kernel_size // 2``, stride 1), and each head keeps its top ``budget - window`` prefix
-  tokens plus the window itself. Only a prompt longer than ``budget`` is compressed; generated tokens are then
-  appended, never evicted (the paper compresses the prompt only), so after ``n`` generated tokens a head holds
-  ``min(prompt, budget) + n``. Defaults ``window=32, kernel_size=5, pooling="avg"`` are the repository's
+  Before Generation", arXiv:2404.14469: an "observation" window at the end of the prompt votes, per head, for
+  clustered positions (its abstract); the steps below are the authors' ``SnapKVCluster.update_kv`` in
+  FasterDecoding/SnapKV ``snapkv/monkeypatch/snapkv_utils.py``). The last ``window`` queries of the prompt vote:
+  their attention weights over the prompt before the window are summed over those queries, pooled along the
+  sequence (``avg`` or ``max``, ``kernel_size``, padding ``kernel_size // 2``, stride 1), and each head keeps its
+  top ``budget - window`` prefix tokens plus the window itself. Only a prompt longer than ``budget`` is compressed; generated tokens are then
+  appended, never evicted (the authors' code compresses in the prefill only), so after ``n`` generated tokens a
+  head holds ``min(prompt, budget) + n``. Defaults ``window=32, kernel_size=5, pooling="avg"`` are the repository's
   ``init_snapkv`` defaults.
 
 Design, shared by the three:
@@ -28,9 +29,9 @@ Design, shared by the three:
 - **Original positions.** Keys are cached already rotated by RoPE at the position they were computed at, and
   ``get_seq_length()`` returns the number of tokens *seen*, not kept, so ``Llama.forward`` places a new token at
   its true position. ``kept_positions(layer)`` says, per head, which positions the cache holds, in order.
-  StreamingLLM's paper (3.2) instead re-assigns positions within the cache; kvpress' ``StreamingLLMPress`` keeps the
-  original rotation and says that matching the paper needs its ``KeyRerotationPress``. The course keeps the
-  original positions for all three policies, like kvpress.
+  StreamingLLM's paper assigns positions within the cache instead; kvpress' ``StreamingLLMPress`` keeps the
+  original rotation and says that matching the paper needs its ``KeyRerotationPress`` (kvpress issue 158). The
+  course keeps the original positions for all three policies, like kvpress.
 - **Per-head selection.** Every KV head ranks its own tokens (``topk`` along the sequence axis of a
   (batch, kv_heads, seq) score), never over all heads at once; heads keep different tokens but the same count.
 - **Attention weights come from the ``attn_fn`` hook.** ``Llama.forward(ids, cache, attn_fn=cache.attention)``:
@@ -46,7 +47,7 @@ Design, shared by the three:
 Where the course follows kvpress 0.5.5 (``presses/snapkv_press.py``, ``streaming_llm_press.py``,
 ``observed_attention_press.py``) and where it differs:
 
-- SnapKV: same scores (kvpress averages over the window queries where the paper sums: the same ranking), same
+- SnapKV: same scores (kvpress averages over the window queries where the authors' code sums: the same ranking), same
   avg-pool and group mean; kvpress keeps the window by padding it with the maximum score and keeps its ``topk``
   indices unsorted, the course concatenates the window and sorts the kept positions. kvpress' default window is 64.
 - StreamingLLM: kvpress prunes once, after the prefill, to a compression ratio; the course holds the budget at
@@ -79,7 +80,8 @@ def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
 def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Softmax weights (B, H, Tq, Tk) in float32 of queries q (B, H, Tq, D) over keys k (B, H, Tk, D).
 
-    The queries are the last Tq of the Tk positions (``causal_mask``), scale 1/sqrt(D) as ``scaled_dot_product_attention``.
+    The queries are the last Tq of the Tk positions (``causal_mask``); scale 1/sqrt(D), as in
+    ``scaled_dot_product_attention``.
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention_weights expects q (B, H, Tq, D) and k (B, H, Tk, D) with the same B, H, D, got "
@@ -100,7 +102,8 @@ class EvictingCache:
                  *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         _check_sizes(num_layers=num_layers, batch_size=batch_size, num_kv_heads=num_kv_heads, head_dim=head_dim,
                      budget=budget)
-        self.num_layers, self.batch_size, self.num_kv_heads, self.head_dim = num_layers, batch_size, num_kv_heads, head_dim
+        self.num_layers, self.batch_size = num_layers, batch_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.budget, self.dtype, self.device = budget, dtype, torch.device(device)
         self.reset()
 
@@ -290,7 +293,7 @@ class H2OCache(EvictingCache):
 
 
 class SnapKVCache(EvictingCache):
-    """One compression after the prefill: observation-window votes, pooled, top ``budget - window`` per head + window."""
+    """One compression after the prefill: the window's pooled votes, top ``budget - window`` per head + the window."""
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, budget: int,
                  *, window: int = 32, kernel_size: int = 5, pooling: str = "avg", **kw):
@@ -350,8 +353,8 @@ def evict_generate(model, input_ids: torch.Tensor, cache: EvictingCache, max_new
         raise TypeError(f"evict_generate takes an EvictingCache (StreamingLLMCache, H2OCache, SnapKVCache), got "
                         f"{type(cache).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError(f"input_ids must be a (batch, seq) torch.long tensor, got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, seq) torch.long tensor, got {got}")
     _check_int("max_new_tokens", max_new_tokens, 1)
     if forced is not None and (not isinstance(forced, torch.Tensor)
                                or forced.shape != (input_ids.shape[0], max_new_tokens - 1)):

@@ -122,6 +122,7 @@ def register(t) -> None:
           names=("tokenizer",))
     probe("evict.format_table", "rows of another function", call(lambda: ev.format_table([{"policy": "h2o"}])),
           names=("measure_retrieval", "budget", "policy"))
-    probe("evict.format_table", "one row", call(lambda: ev.format_table([{
-        "policy": "h2o", "budget": 8, "retrieval": 0.0, "agreement": 0.5, "max_logit_err": 1.0, "mean_logit_err": 0.5}])),
+    row = {"policy": "h2o", "budget": 8, "retrieval": 0.0, "agreement": 0.5, "max_logit_err": 1.0,
+           "mean_logit_err": 0.5}
+    probe("evict.format_table", "one row", call(lambda: ev.format_table([row])),
           result=lambda s: "| h2o | 8 | 0.00 | 0.500 | 1.000 | 0.500 |" in s)

@@ -87,7 +87,7 @@ def test_budget_overrun_at_some_step(name):
         for layer in range(model.args.num_layers):
             assert cache.get_seq_length(layer) == seen  # tokens seen, the next position
             kept = cache.kept_length(layer)
-            if name == "snapkv":  # one compression of the prompt, then generated tokens appended (SnapKV section 4)
+            if name == "snapkv":  # one compression of the prompt, then generated tokens appended (as SnapKV's code)
                 assert kept == budget + (seen - prompt), (seen, kept)
             else:
                 assert kept == min(seen, budget), (seen, kept)
@@ -172,7 +172,8 @@ def test_topb_over_all_heads_at_once(name):
 
 
 def snapkv_by_hand(q, k, window, kernel, budget, n_kv):
-    """SnapKV section 4 / Listing 1 for one layer, from q (1, H, T, D) and repeated k (1, H, T, D), written apart."""
+    """SnapKVCluster.update_kv (FasterDecoding/SnapKV) for one layer, group-averaged as kvpress, written apart,
+    from q (1, H, T, D) and the repeated k (1, H, T, D)."""
     h, t = q.shape[1], q.shape[2]
     out = []
     for g in range(n_kv):
@@ -226,7 +227,7 @@ def test_h2o_scores_not_accumulated_by_hand():
     torch.testing.assert_close(cache.scores[0][0, 0], torch.tensor([14 / 3, 1, 1 / 2]))
 
 
-def test_h2o_eviction_differs_from_algorithm_1_on_a_model():
+def test_h2o_eviction_differs_from_the_authors_rule_on_a_model():
     """After every forward, every head: kept = the `heavy` older tokens of highest accumulated score + the `recent`
     latest, replayed here by position from the weights the hook saw (bookkeeping apart from the cache's)."""
     model, budget, heavy = tiny(5), 9, 4
