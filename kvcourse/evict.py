@@ -19,10 +19,10 @@ Three policies, each a small subclass of ``EvictingCache``:
   FasterDecoding/SnapKV ``snapkv/monkeypatch/snapkv_utils.py``). The last ``window`` queries of the prompt vote:
   their attention weights over the prompt before the window are summed over those queries, pooled along the
   sequence (``avg`` or ``max``, ``kernel_size``, padding ``kernel_size // 2``, stride 1), and each head keeps its
-  top ``budget - window`` prefix tokens plus the window itself. Only a prompt longer than ``budget`` is compressed; generated tokens are then
-  appended, never evicted (the authors' code compresses in the prefill only), so after ``n`` generated tokens a
-  head holds ``min(prompt, budget) + n``. Defaults ``window=32, kernel_size=5, pooling="avg"`` are the repository's
-  ``init_snapkv`` defaults.
+  top ``budget - window`` prefix tokens plus the window itself. Only a prompt longer than ``budget`` is
+  compressed; generated tokens are then appended, never evicted (the authors' code compresses in the prefill
+  only), so after ``n`` generated tokens a head holds ``min(prompt, budget) + n``. Defaults ``window=32,
+  kernel_size=5, pooling="avg"`` are the repository's ``init_snapkv`` defaults.
 
 Design, shared by the three:
 
