@@ -45,6 +45,20 @@ def _exercises(t) -> None:
         lambda: ex().run_checked("your answer", boom)), names=("your answer", "ValueError", "boom"))
     t.probe("speculative.exercises.token_sources", "2 kept, then 0", t.call(lambda: ex().token_sources(_out(t))),
             result=lambda r: r == ["prefill", "draft", "draft", "target", "target"])
+    pq = lambda: (torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), -1),  # noqa: E731
+                  torch.softmax(torch.randn(2, 4, generator=torch.Generator().manual_seed(1)), -1))
+    t.probe("speculative.exercises.second_token_counts", "one draft only", t.call(
+        lambda: ex().second_token_counts(t.mod("speculative").sample_accept, pq()[1][:1], pq()[0][:2], 10, 0)),
+        names=("k >= 2", "(1, 4)"))
+    t.probe("speculative.exercises.second_token_counts", "the reference rule", t.call(
+        lambda: ex().second_token_counts(t.mod("speculative").sample_accept, pq()[1], pq()[0], 50, 0)),
+        result=lambda r: r.shape == (4,) and 0 < r.sum() <= 50)
+    t.probe("speculative.exercises.reproducible", "the reference rule", t.call(
+        lambda: ex().reproducible(t.mod("speculative").sample_accept, pq()[1], pq()[0], torch.tensor([1, 2]), [0, 1])),
+        result=lambda r: r == "")
+    t.probe("speculative.exercises.reproducible", "a rule on the global generator", t.call(
+        lambda: ex().reproducible(lambda d, q, p, g: (0, int(torch.randint(0, 4, ()))), pq()[1], pq()[0],
+                                  torch.tensor([1, 2]), range(8))), result=lambda r: "global generator" in r)
     t.probe("speculative.exercises.tested_alpha", "2 kept of 3 tested", t.call(lambda: ex().tested_alpha(_out(t))),
             result=lambda r: abs(r - 2 / 3) < 1e-12)
     t.probe("speculative.exercises.tested_alpha", "a list", t.call(lambda: ex().tested_alpha([1, 2])),

@@ -26,7 +26,8 @@ from .verify import residual_distribution
 
 __all__ = ["ALPHA", "FRESH", "REPETITIVE", "UnsyncedDrafter", "cache_mismatch", "chi_square_pvalue",
            "call_rewind", "check_rewind_step", "count_forwards", "first_token_counts", "forward_ms", "greedy_variants", "rewind_hint", "rewind_hook",
-           "run_checked", "sampling_law", "sampling_hint", "sweep", "tested_alpha", "token_sources"]
+           "reproducible", "run_checked", "sampling_law", "sampling_hint", "second_token_counts", "sweep", "tested_alpha",
+           "token_sources"]
 
 REPETITIVE = "The king, the king, the king"  # the bundled model's own greedy continuation repeats itself
 FRESH = "ROMEO:\n"  # ... and here it does not
@@ -388,6 +389,45 @@ def first_token_counts(fn: Callable, q: torch.Tensor, p: torch.Tensor, n: int, s
                                  f"0..{v - 1}")
         counts[int(drafts[0]) if kept else nxt] += 1
     return counts
+
+
+def second_token_counts(fn: Callable, q: torch.Tensor, p: torch.Tensor, n: int, seed: int,
+                        what: str = "your my_sample_accept") -> torch.Tensor:
+    """Counts (V,) of the SECOND token a step emits, over the steps of ``n`` that kept their first draft: d_2 if
+    kept >= 2, else the token ``fn`` returned. With p's rows fixed, it must follow p[1] (the first-token test
+    cannot see a rule that mixes up rows, or correlates its acceptances, after the first draft)."""
+    __tracebackhide__ = True
+    g = torch.Generator().manual_seed(seed)
+    k, v = q.shape
+    if k < 2:
+        raise ValueError(f"second_token_counts needs k >= 2 drafts (q of shape (k, V)), got q {tuple(q.shape)}")
+    counts = torch.zeros(v, dtype=torch.float64)
+    drafts_all = torch.multinomial(q, n, replacement=True, generator=g).T  # (n, k)
+    for drafts in drafts_all:
+        try:
+            kept, nxt = fn(drafts, q, p, g)
+            kept, nxt = int(kept), int(nxt)
+        except Exception as err:  # noqa: BLE001 - the learner's error, reported with its call
+            raise AssertionError(f"{what}(drafts={drafts.tolist()}, q, p, generator) raised or returned something "
+                                 f"that is not (kept, next): {type(err).__name__}: {err}") from None
+        if kept >= 1:
+            counts[int(drafts[1]) if kept >= 2 else nxt] += 1
+    return counts
+
+
+def reproducible(fn: Callable, q: torch.Tensor, p: torch.Tensor, drafts: torch.Tensor, seeds: Sequence[int]) -> str:
+    """'' if ``fn`` gives the same (kept, next) for equal generator seeds whatever the global RNG's state, else what
+    differed: a rule that draws from the global generator cannot be replayed from a seed."""
+    for seed in seeds:
+        runs = []
+        for global_seed in (12345, 54321):
+            torch.manual_seed(global_seed)  # a different global stream each time: only ``generator`` is the same
+            kept, nxt = fn(drafts, q, p, torch.Generator().manual_seed(seed))
+            runs.append((int(kept), int(nxt)))
+        if runs[0] != runs[1]:
+            return (f"two calls with torch.Generator().manual_seed({seed}) gave {runs[0]} and {runs[1]}: some random "
+                    f"number came from the global generator, not from `generator`")
+    return ""
 
 
 def sampling_law(p: torch.Tensor, q: torch.Tensor, rule: str = "correct") -> torch.Tensor:
