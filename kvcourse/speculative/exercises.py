@@ -367,15 +367,11 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-def first_token_counts(fn: Callable, q: torch.Tensor, p: torch.Tensor, n: int, seed: int,
-                       what: str = "your my_sample_accept") -> torch.Tensor:
-    """Counts (V,) of the first token a step emits, over ``n`` steps: drafts sampled from ``q`` (k, V), then
-    ``fn(drafts, q, p, generator)``; the first token is d_1 if kept >= 1, else the token ``fn`` returned."""
+def _steps(fn: Callable, q: torch.Tensor, p: torch.Tensor, n: int, g: torch.Generator, what: str):
+    """``n`` steps of ``fn(drafts, q, p, g)`` on drafts sampled from ``q`` (k, V): yields (drafts, kept, next), each
+    checked to be a (kept in 0..k, token id) pair; anything else is an AssertionError naming the call."""
     __tracebackhide__ = True
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # an answer that draws from the global generator is still reproducible
     k, v = q.shape
-    counts = torch.zeros(v, dtype=torch.float64)
     drafts_all = torch.multinomial(q, n, replacement=True, generator=g).T  # (n, k): row i is one step's drafts
     for drafts in drafts_all:
         try:
@@ -387,6 +383,18 @@ def first_token_counts(fn: Callable, q: torch.Tensor, p: torch.Tensor, n: int, s
         if not 0 <= kept <= k or not 0 <= nxt < v:
             raise AssertionError(f"{what} returned kept={kept}, next={nxt}: expected kept in 0..{k} and a token id in "
                                  f"0..{v - 1}")
+        yield drafts, kept, nxt
+
+
+def first_token_counts(fn: Callable, q: torch.Tensor, p: torch.Tensor, n: int, seed: int,
+                       what: str = "your my_sample_accept") -> torch.Tensor:
+    """Counts (V,) of the first token a step emits, over ``n`` steps: drafts sampled from ``q`` (k, V), then
+    ``fn(drafts, q, p, generator)``; the first token is d_1 if kept >= 1, else the token ``fn`` returned."""
+    __tracebackhide__ = True
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # an answer that draws from the global generator is still reproducible
+    counts = torch.zeros(q.shape[1], dtype=torch.float64)
+    for drafts, kept, nxt in _steps(fn, q, p, n, g, what):
         counts[int(drafts[0]) if kept else nxt] += 1
     return counts
 
@@ -397,19 +405,10 @@ def second_token_counts(fn: Callable, q: torch.Tensor, p: torch.Tensor, n: int, 
     kept >= 2, else the token ``fn`` returned. With p's rows fixed, it must follow p[1] (the first-token test
     cannot see a rule that mixes up rows, or correlates its acceptances, after the first draft)."""
     __tracebackhide__ = True
-    g = torch.Generator().manual_seed(seed)
-    k, v = q.shape
-    if k < 2:
+    if q.shape[0] < 2:
         raise ValueError(f"second_token_counts needs k >= 2 drafts (q of shape (k, V)), got q {tuple(q.shape)}")
-    counts = torch.zeros(v, dtype=torch.float64)
-    drafts_all = torch.multinomial(q, n, replacement=True, generator=g).T  # (n, k)
-    for drafts in drafts_all:
-        try:
-            kept, nxt = fn(drafts, q, p, g)
-            kept, nxt = int(kept), int(nxt)
-        except Exception as err:  # noqa: BLE001 - the learner's error, reported with its call
-            raise AssertionError(f"{what}(drafts={drafts.tolist()}, q, p, generator) raised or returned something "
-                                 f"that is not (kept, next): {type(err).__name__}: {err}") from None
+    counts = torch.zeros(q.shape[1], dtype=torch.float64)
+    for drafts, kept, nxt in _steps(fn, q, p, n, torch.Generator().manual_seed(seed), what):
         if kept >= 1:
             counts[int(drafts[1]) if kept >= 2 else nxt] += 1
     return counts
