@@ -28,6 +28,11 @@ __all__ = ["PASSAGE", "LearnerH2O", "LearnerSnapKV", "absorbed_hook", "check_abs
            "time_decode", "time_mla_paths", "tiny_deepseek"]
 
 
+def _check_count(name: str, value, lo: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+
+
 def tiny_deepseek(q_lora_rank: int | None = None, *, rope_interleave: bool = True, seed: int = 0):
     """A random-weight ``transformers`` ``DeepseekV3ForCausalLM``, float32, dense MLP layers only (tests/test_mla.py's).
 
@@ -36,6 +41,8 @@ def tiny_deepseek(q_lora_rank: int | None = None, *, rope_interleave: bool = Tru
     """
     import transformers
 
+    if q_lora_rank is not None:
+        _check_count("q_lora_rank", q_lora_rank)
     config = transformers.DeepseekV3Config(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=q_lora_rank, qk_rope_head_dim=8, qk_nope_head_dim=16,
@@ -135,6 +142,8 @@ def check_latent_update(fn: Callable, hf_model, prompt_len: int = 10, new_tokens
     __tracebackhide__ = True
     from transformers import DynamicCache
 
+    for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("batch", batch)):
+        _check_count(name, value)
     model = MLAModel.from_hf(hf_model)
     a = model.args
     ids = torch.randint(0, a.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
@@ -281,6 +290,8 @@ def check_absorbed(fn: Callable, hf_model, prompt_len: int = 40, steps: int = 4,
     with the cache length S and Dn or Dv): the cache is read as latents, never expanded.
     """
     __tracebackhide__ = True
+    for name, value in (("prompt_len", prompt_len), ("steps", steps), ("batch", batch)):
+        _check_count(name, value)
     model = MLAModel.from_hf(hf_model)
     a = model.args
     ids = torch.randint(0, a.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
@@ -381,6 +392,9 @@ def _bytes_variants(cfg: dict, context: int) -> list[tuple[int, str]]:
 def check_cache_bytes(fn: Callable, cfg: dict, context: int, want: int, what: str) -> None:
     """``fn(cfg, context)`` must equal ``want`` bytes; a known wrong formula is named."""
     __tracebackhide__ = True
+    if not isinstance(cfg, dict) or cfg.get("kind") not in ("gqa", "mla", "window"):
+        raise ValueError(f"check_cache_bytes takes a config dict with kind 'gqa', 'mla' or 'window' "
+                         f"(kvcourse.mla.PUBLISHED's rows), got {cfg!r}")
     got = run_checked(f"cache_bytes({what}, {context})", fn, dict(cfg), context)
     expect(isinstance(got, int | float) and not isinstance(got, bool),
            f"cache_bytes({what}, {context}) returned {type(got).__name__}, expected a number of bytes")
@@ -394,12 +408,12 @@ def check_cache_bytes(fn: Callable, cfg: dict, context: int, want: int, what: st
 class LearnerSnapKV(SnapKVCache):
     """``SnapKVCache`` whose kept indices come from ``fn(weights, window, kernel_size, budget)``."""
 
-    fn: Callable | None = None
+    _fn: Callable | None = None  # set by the check that uses it
 
     def _select(self, layer, t, weights):
         if weights is None:
             return None
-        idx = type(self).fn(weights, self.window, self.kernel_size, self.budget)
+        idx = type(self)._fn(weights, self.window, self.kernel_size, self.budget)
         _check_indices(idx, weights.shape[0], self.num_kv_heads, self.budget, t, "snapkv_keep")
         return idx
 
@@ -452,6 +466,11 @@ def _snapkv_variants(weights, window, kernel_size, budget):
 def check_snapkv(fn: Callable, weights: torch.Tensor, window: int, kernel_size: int, budget: int, what: str) -> None:
     """``fn(weights, window, kernel_size, budget)`` must give SnapKV's kept indices (B, KV, budget), ascending."""
     __tracebackhide__ = True
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 5 or weights.shape[3] != weights.shape[4] \
+            or not 0 < window < budget or budget - window > weights.shape[3] - window:
+        got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise ValueError(f"check_snapkv takes prefill weights (B, KV, G, T, T) and 0 < window < budget <= T, got "
+                         f"weights {got}, window {window}, budget {budget}")
     got = run_checked(f"snapkv_keep on {what}", fn, weights.clone(), window, kernel_size, budget)
     b, kv, _, t, _ = weights.shape
     expect(isinstance(got, torch.Tensor) and tuple(got.shape) == (b, kv, budget),
@@ -470,7 +489,8 @@ def check_snapkv(fn: Callable, weights: torch.Tensor, window: int, kernel_size: 
 def check_snapkv_on_model(fn: Callable, llama, ids: torch.Tensor, budget: int, new_tokens: int = 8) -> dict:
     """The learner's selection inside ``evict_generate`` on a real model: same kept positions, tokens and logits."""
     __tracebackhide__ = True
-    LearnerSnapKV.fn = staticmethod(fn)
+    _check_count("budget", budget, 3)
+    LearnerSnapKV._fn = staticmethod(fn)
     mine = LearnerSnapKV.for_model(llama, 1, budget, window=min(32, budget // 2))
     ref = SnapKVCache.for_model(llama, 1, budget, window=min(32, budget // 2))
     toks, logits = run_checked("snapkv_keep inside SnapKVCache", evict_generate, llama, ids, mine, new_tokens)
@@ -489,11 +509,11 @@ def check_snapkv_on_model(fn: Callable, llama, ids: torch.Tensor, budget: int, n
 class LearnerH2O(H2OCache):
     """``H2OCache`` whose eviction step is ``fn(keys, values, positions, scores, weights, heavy, recent)``."""
 
-    fn: Callable | None = None
+    _fn: Callable | None = None  # set by the check that uses it
 
     def _select(self, layer, t, weights):
         old = (self.keys[layer], self.values[layer], self.positions[layer], self.scores[layer])
-        out = type(self).fn(*(x.clone() for x in old), weights, self.heavy, self.recent)
+        out = type(self)._fn(*(x.clone() for x in old), weights, self.heavy, self.recent)
         if not isinstance(out, tuple | list) or len(out) != 4:
             raise ValueError(f"h2o_evict must return (keys, values, positions, scores), got {type(out).__name__}")
         self.keys[layer], self.values[layer], self.positions[layer], self.scores[layer] = out
@@ -513,6 +533,11 @@ def _h2o_reference(keys, values, positions, scores, weights, heavy, recent):
 def _h2o_case(n: int, heavy: int, recent: int, seed: int, b: int = 1, kv: int = 2, rep: int = 2, t: int = 1,
               start: int = 0):
     """A layer's state before an eviction: n tokens held (the last t new, with zero scores), random weights."""
+    for name, value in (("n", n), ("b", b), ("kv", kv), ("rep", rep), ("t", t)):
+        _check_count(name, value)
+    _check_count("start", start, 0)
+    if t > n:
+        raise ValueError(f"h2o_case: t={t} new tokens cannot exceed the n={n} tokens held")
     g = torch.Generator().manual_seed(seed)
     keys, values = torch.randn(b, kv, n, 4, generator=g), torch.randn(b, kv, n, 4, generator=g)
     positions = (start + torch.arange(n)).expand(b, kv, n).clone()
@@ -540,6 +565,11 @@ def _h2o_positions(case, heavy: int, recent: int, *, accumulate=True, over_all=F
 def check_h2o(fn: Callable, case: tuple, heavy: int, recent: int, what: str) -> None:
     """One eviction step: ``fn`` must return H2O's keys, values, original positions and accumulated scores."""
     __tracebackhide__ = True
+    if not isinstance(case, tuple) or len(case) != 5 or not all(isinstance(x, torch.Tensor) for x in case):
+        raise ValueError(f"check_h2o takes a case (keys, values, positions, scores, weights) as h2o_case makes it, "
+                         f"got {type(case).__name__}")
+    _check_count("heavy", heavy, 0)
+    _check_count("recent", recent, 1)
     out = run_checked(f"h2o_evict on {what}", fn, *(x.clone() for x in case), heavy, recent)
     expect(isinstance(out, tuple | list) and len(out) == 4,
            f"h2o_evict on {what} must return (keys, values, positions, scores), got {type(out).__name__}")
@@ -578,7 +608,8 @@ def check_h2o(fn: Callable, case: tuple, heavy: int, recent: int, what: str) -> 
 def check_h2o_on_model(fn: Callable, llama, ids: torch.Tensor, budget: int, new_tokens: int = 8) -> dict:
     """The learner's step inside ``evict_generate``: the cache must hold H2O's positions after every step."""
     __tracebackhide__ = True
-    LearnerH2O.fn = staticmethod(fn)
+    _check_count("budget", budget, 2)
+    LearnerH2O._fn = staticmethod(fn)
     mine, ref = LearnerH2O.for_model(llama, 1, budget), H2OCache.for_model(llama, 1, budget)
     toks, logits = run_checked("h2o_evict inside H2OCache", evict_generate, llama, ids, mine, new_tokens)
     want_toks, want_logits = evict_generate(llama, ids, ref, new_tokens)
@@ -600,6 +631,9 @@ def check_quantize_rows(fn: Callable, weight: torch.Tensor, what: str) -> tuple[
     __tracebackhide__ = True
     from .int8_weights import QMAX, quantize_per_channel
 
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        got = f"{tuple(weight.shape)} {weight.dtype}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"check_quantize_rows takes a float weight (out_features, in_features), got {got}")
     got = run_checked(f"quantize_rows on {what}", fn, weight.clone())
     expect(isinstance(got, tuple | list) and len(got) == 2, f"quantize_rows on {what} must return (q, scales)")
     q, scales = got
@@ -640,7 +674,13 @@ def time_decode(llama, batch: int, context: int, *, int8_cache: bool = False, st
     from .cache import KVCache
     from .generate import decode_one_token
     from .int8_weights import weight_bytes_per_step
+    from .llama import Llama
 
+    if not isinstance(llama, Llama):
+        raise TypeError(f"time_decode takes the course's kvcourse.llama.Llama (Llama.from_hf(model)), got "
+                        f"{type(llama).__name__}")
+    for name, value in (("batch", batch), ("context", context), ("steps", steps)):
+        _check_count(name, value)
     a = llama.args
     if int8_cache:
         cache = Int8KVCache.for_model(llama, batch, context + steps + 2, residual=0)
@@ -670,6 +710,11 @@ def int8_rows(hf_model, batches=(1, 64), context: int = 512) -> list[dict]:
     from .int8_weights import quantize_model
     from .llama import Llama
 
+    if not isinstance(batches, tuple | list) or not batches:
+        raise ValueError(f"int8_rows: batches must be a non-empty tuple of ints >= 1, got {batches!r}")
+    for b in batches:
+        _check_count("each batch", b)
+    _check_count("context", context)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         base = Llama.from_hf(hf_model)
@@ -699,6 +744,11 @@ def retrieval_plot(rows: list[dict]):
     """Agreement with the full cache and mean logit error against the budget, one line per policy."""
     import matplotlib.pyplot as plt
 
+    need = ("policy", "budget", "agreement", "mean_logit_err", "retrieval")
+    if not isinstance(rows, list) or not rows or any(not isinstance(r, dict) or any(k not in r for k in need)
+                                                     for r in rows):
+        raise ValueError(f"retrieval_plot takes kvcourse.evict.measure_retrieval's rows (dicts with keys "
+                         f"{', '.join(need)}), got {rows!r:.200}")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     for policy in dict.fromkeys(r["policy"] for r in rows if r["budget"]):
         pts = [r for r in rows if r["policy"] == policy]
@@ -744,6 +794,11 @@ def check_saving(fn: Callable, weight_bytes: int, row_cache_bytes: int, batch: i
                  case: str) -> None:
     """``fn(weight_bytes, row_cache_bytes, batch, bytes_per_value, what)``: the share of a step's bytes saved."""
     __tracebackhide__ = True
+    if what not in ("weights", "cache"):
+        raise ValueError(f"check_saving: what must be 'weights' or 'cache', got {what!r}")
+    for name, value in (("weight_bytes", weight_bytes), ("row_cache_bytes", row_cache_bytes), ("batch", batch),
+                        ("bytes_per_value", bytes_per_value)):
+        _check_count(name, value)
     got = run_checked(f"predicted_saving on {case}", fn, weight_bytes, row_cache_bytes, batch, bytes_per_value, what)
     cache = batch * row_cache_bytes
     part = weight_bytes if what == "weights" else cache
