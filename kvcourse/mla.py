@@ -274,13 +274,8 @@ class MLAAttention(nn.Module):
         q = self.q_proj(x) if a.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(b, t, h, a.qk_head_dim).transpose(1, 2)  # (B, H, T, Dqk)
         q_nope, q_rope = q.split([dn, dr], dim=-1)  # (B, H, T, Dn), (B, H, T, Dr)
-        # the cached part: one latent and one shared RoPE key per token
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, dr], dim=-1)  # (B, T, R), (B, T, Dr)
-        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, R)
         q_rope = rope_decoupled(q_rope, cos, sin, a.rope_interleave)  # (B, H, T, Dr)
-        k_rope = rope_decoupled(k_rope, cos, sin, a.rope_interleave)  # (B, T, Dr): RoPE on the shared key only
-        if cache is not None:
-            c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)  # (B, S, R), (B, S, Dr)
+        c_kv, k_rope = self._latents(x, cos, sin, cache)  # (B, S, R), (B, S, Dr): all that attention reads
         s = c_kv.shape[1]
         mask = causal_mask(t, s, x.device) if t > 1 else None  # (T, S): the new tokens are the last T
         if absorbed:
@@ -292,6 +287,17 @@ class MLAAttention(nn.Module):
             q = torch.cat((q_nope, q_rope), dim=-1)  # (B, H, T, Dqk)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, Dv)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, h * a.v_head_dim))  # (B, T, C)
+
+    def _latents(self, x, cos, sin, cache):
+        """The cached part of x (B, T, C): one normed latent and one rotated shared key per token, written to
+        ``cache`` (if any); returns everything held, (B, S, R) and (B, S, Dr). Notebook 11 swaps it per layer."""
+        a = self.a
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)  # (B, T, R)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, R)
+        k_rope = rope_decoupled(k_rope, cos, sin, a.rope_interleave)  # (B, T, Dr): RoPE on the shared key only
+        if cache is not None:
+            c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)  # (B, S, R), (B, S, Dr)
+        return c_kv, k_rope
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Attention on the latents: W_UK folded into the query, W_UV applied to the latent output."""

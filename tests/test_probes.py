@@ -43,7 +43,7 @@ PACKAGE = Path(kvcourse.__file__).resolve().parent
 MODULES = ("batching", "window", "quant", "paged", "fast", "cache", "grading", "generate", "llama", "memory",
            "models", "shapes", "checks", "timing", "devices", "instructor", "cli", "plots", "serve",
            "speculative", "speculative.exercises", "speculative.plots", "mla",
-           "int8_weights", "evict")
+           "int8_weights", "evict", "fewer_bytes")
 V = 64  # vocab of the tiny models
 
 
