@@ -15,7 +15,8 @@ Three presets set the defaults; any option given explicitly overrides its preset
 
 ``--serve`` runs the serving benchmark instead (``kvcourse.bench.serve``; ``--serve --quick`` for its short
 variant). ``--speculative`` runs the speculative-decoding benchmark instead (``kvcourse.bench.speculative``;
-``--speculative --quick`` for its short variant).
+``--speculative --quick`` for its short variant). ``--int8-weights`` runs the int8-weight benchmark instead
+(``kvcourse.bench.int8_weights``: float against int8 weights on the fast path, batch 1; ``--int8-weights --quick``).
 
 ``--batch-sweep [METHOD]`` adds the batch sweep (``kvcourse.bench.sweep``) for each model, batch 1, 2,
 4, ... up to ``--batch-max`` (64 on CUDA, 32 elsewhere).
@@ -114,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the speculative-decoding benchmark instead (kvcourse.bench.speculative: prompt lookup "
                         "and the draft model at k = 1..8 against kvcourse.generate and transformers' assisted "
                         "generation); the options after it are its own: python -m kvcourse.bench --speculative --help")
+    p.add_argument("--int8-weights", action="store_true",
+                   help="run the int8-weight benchmark instead (kvcourse.bench.int8_weights: float against int8 "
+                        "weights, ms/token, bytes per step, tokens and logit error); the options after it are its "
+                        "own: python -m kvcourse.bench --int8-weights --help")
     return p.parse_args(argv)
 
 
@@ -183,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m kvcourse.bench``: 0 when the run is written, 1 when a method's tokens were wrong.
 
     ``--serve`` hands the other arguments to the serving benchmark (``kvcourse.bench.serve.main``), and
-    ``--speculative`` to the speculative-decoding benchmark (``kvcourse.bench.speculative.main``)."""
+    ``--speculative`` to the speculative-decoding benchmark (``kvcourse.bench.speculative.main``), ``--int8-weights``
+    to the int8-weight benchmark (``kvcourse.bench.int8_weights.main``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--serve" in argv:
         from .serve import main as serve_main
@@ -193,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         from .speculative import main as speculative_main
 
         return speculative_main([a for a in argv if a != "--speculative"])
+    if "--int8-weights" in argv:
+        from .int8_weights import main as int8_main
+
+        return int8_main([a for a in argv if a != "--int8-weights"])
     args = parse_args(argv)
     plan = make_plan(args)
     try:
