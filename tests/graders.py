@@ -38,6 +38,22 @@ def make_course(tmp: Path) -> Path:
     return course
 
 
+def released_courses(base: Path, assignment: str, n: int) -> list[Path]:
+    """``n`` course folders with ``assignment`` generated and registered, for ``n`` autograde processes at once.
+
+    ``nbgrader generate_assignment`` runs once; the other folders are copies of the first (its gradebook and
+    release included), which saves one nbgrader run per extra folder.
+    """
+    first = make_course(base / "job0")
+    release = nbgrader(first, "generate_assignment", assignment, "--force")  # registers it in the gradebook
+    assert release.returncode == 0, release.stdout + release.stderr
+    courses = [first]
+    for j in range(1, n):
+        (base / f"job{j}").mkdir(parents=True, exist_ok=True)
+        courses.append(Path(shutil.copytree(first, base / f"job{j}" / "course")))
+    return courses
+
+
 def grading_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # nbgrader shells out to alembic

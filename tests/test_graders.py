@@ -3,7 +3,11 @@
 Real ``nbgrader autograde`` grades, per assignment, side by side:
 - ``solution``: the instructor's solution notebook, submitted as a learner -> full marks;
 - ``release``: the unsolved notebook learners receive -> 0 on every graded test;
-- a sample of the bank below, one mutant and one correct variant (the first of each in the bank).
+- a sample of the bank below: its first mutant.
+
+The solution's autograded copy is also read for errors in any cell, graded or not
+(``test_solution_notebook_crashes``): nbgrader has already run it top to bottom offline, so a second run under
+nbval would prove nothing more.
 
 The whole bank goes through ``tests/forkgrade.py``, which runs the solution once and forks a copy of its
 kernel state before the patched cell (a fresh kernel per submission spent ~80 % of its time re-importing
@@ -29,6 +33,7 @@ import os
 import subprocess
 import sys
 
+import nbformat
 import pytest
 from graders import (
     ASSIGNMENTS,
@@ -40,11 +45,10 @@ from graders import (
     grading_env,
     load_mutants,
     load_variants,
-    make_course,
-    nbgrader,
     notebook_name,
     read_release,
     read_solution,
+    released_courses,
     scores,
     submit,
 )
@@ -61,10 +65,13 @@ _FORKED: dict[str, dict] = {}
 
 
 def sample(assignment: str) -> list[str]:
-    """The bank entries also graded by real nbgrader: the assignment's first mutant and first variant."""
-    first_mutant = next((f"m-{m.id}" for m in MUTANTS if m.assignment == assignment), None)
-    first_variant = next((f"v-{v.id}" for v in VARIANTS if v.assignment == assignment), None)
-    return [s for s in (first_mutant, first_variant) if s]
+    """The bank entries also graded by real nbgrader: the assignment's first mutant.
+
+    A mutant exercises both of the fork runner's paths (a patched cell, then a failing test and its message); a
+    correct variant only the patch, which the mutant and the solution's passing cells already cover, so real
+    nbgrader no longer grades one (it cost a whole notebook run per assignment).
+    """
+    return [f"m-{m.id}" for m in MUTANTS if m.assignment == assignment][:1]
 
 
 ENTRIES = {f"m-{m.id}": m for m in MUTANTS} | {f"v-{v.id}": v for v in VARIANTS}  # by student name
@@ -77,11 +84,7 @@ def patched(student: str, assignment: str) -> NotebookNode:
 def graded(assignment: str, tmp_path_factory):
     """Autograde solution, release and the sample of one assignment with real nbgrader, once per session."""
     if assignment not in _GRADED:
-        base = tmp_path_factory.mktemp(assignment)
-        courses = [make_course(base / f"job{j}") for j in range(JOBS)]
-        for course in courses:
-            release = nbgrader(course, "generate_assignment", assignment, "--force")  # registers it in the gradebook
-            assert release.returncode == 0, release.stdout + release.stderr
+        courses = released_courses(tmp_path_factory.mktemp(assignment), assignment, JOBS)
         submissions = [("solution", read_solution(assignment)), ("release", read_release(assignment))]
         submissions += [(s, patched(s, assignment)) for s in sample(assignment)]
         course_of = {}
@@ -145,6 +148,20 @@ def test_committed_release_is_stale(assignment, tmp_path_factory):
     fresh = (course / "notebooks" / assignment / name).read_bytes()
     committed = (ROOT / "notebooks" / assignment / name).read_bytes()
     assert fresh == committed, f"notebooks/{assignment}/{name} differs from the release generated from solutions/: run make release"
+
+
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_solution_notebook_crashes(assignment, tmp_path_factory):
+    """Every cell of the solution, graded or not, runs offline without an error (nbgrader ran it top to bottom)."""
+    course_of, result, procs = graded(assignment, tmp_path_factory)
+    assert result.get("solution"), f"solution of {assignment} was not graded{_explain(procs)}"
+    path = course_of["solution"] / "autograded" / "solution" / assignment / notebook_name(assignment)
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.get("execution_count") for c in code if c.source.strip()), f"{assignment}: nbgrader left cells of the solution unrun"
+    errors = [(i, o.get("ename"), o.get("evalue", "")[:300]) for i, c in enumerate(nb.cells)
+              for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{assignment}: the solution raises when run top to bottom (cell index, error): {errors}"
 
 
 def _explain(procs) -> str:

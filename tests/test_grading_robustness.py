@@ -11,7 +11,7 @@ import os
 
 import nbformat
 import pytest
-from graders import autograde_many, failure_text, make_course, nbgrader, read_release, read_solution, scores, submit
+from graders import autograde_many, failure_text, read_release, read_solution, released_courses, scores, submit
 
 A = "05_cache_memory"
 LOOP_TIMEOUT = 60  # seconds a cell may run in this test's grading (the course default is 180): every
@@ -86,12 +86,11 @@ SUBMISSIONS = {
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    courses = [make_course(tmp_path_factory.mktemp("robust") / f"job{j}") for j in range(2)]
-    for course in courses:
-        assert nbgrader(course, "generate_assignment", A, "--force").returncode == 0
+    courses = released_courses(tmp_path_factory.mktemp("robust"), A, 2)
     course_of = {}
-    for i, (student, build) in enumerate(SUBMISSIONS.items()):
-        course_of[student] = courses[i % 2]
+    for student, build in SUBMISSIONS.items():
+        # the loop alone in one process: it waits out LOOP_TIMEOUT while the other five are graded in the other
+        course_of[student] = courses[0] if student == "loop" else courses[1]
         submit(course_of[student], student, A, build())
     old = os.environ.get("KVCOURSE_CELL_TIMEOUT")
     os.environ["KVCOURSE_CELL_TIMEOUT"] = str(LOOP_TIMEOUT)
@@ -102,7 +101,7 @@ def graded(tmp_path_factory):
     result = {}
     for course in courses:
         result.update(scores(course, A))
-    full = {g: m for g, (_, m) in scores(courses[0], A).get("deleted", {}).items()} or None
+    full = {g: m for g, (_, m) in scores(course_of["deleted"], A).get("deleted", {}).items()} or None
     return course_of, result, full
 
 
