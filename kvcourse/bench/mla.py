@@ -9,12 +9,12 @@ depth (2 layers, not 27) and the vocabulary (1,024, not 102,400) are cut, so tha
 dominate a step. The MoE layers are dense here (kvcourse.mla reproduces dense layers only).
 
 At each context S both caches, the course's ``LatentCache`` and ``transformers``' ``DynamicCache``, are filled with
-the same random latents (a prefill of 4k tokens would cost more than every timed step together), then each round
-times one decode step of each path in turn, in an order that rotates each round (a change of load hits all alike),
-each step cropped away again: every step sees exactly S cached tokens. The first round is an untimed warm-up whose
-logits are compared (max |Δlogit| against the absorbed path: the paths do the same work). Clock: this process's CPU
-time (``time.process_time``, one thread: the work, which load stretches less than the wall clock); the wall clock
-is kept too. Outputs in ``--out``: ``mla.json`` and ``mla.md`` (``--out docs/bench`` wrote docs/bench/mla.md).
+the same random latents instead of a prefill (a decode step reads only what the cache holds; the tests check these
+bytes against a real prefill's). Each round then times one decode step of each path in turn, in an order that
+rotates each round (a change of load hits all alike), each step cropped away again: every step sees exactly S
+cached tokens. The first round is an untimed warm-up whose logits are compared (max |Δlogit| against the absorbed
+path: the paths do the same work). Clock: this process's CPU time (``time.process_time``, one thread: the work,
+which load stretches less than the wall clock); the wall clock is kept too. Outputs in ``--out``: ``mla.json`` and ``mla.md`` (``--out docs/bench`` wrote docs/bench/mla.md).
 """
 
 from __future__ import annotations
@@ -132,29 +132,30 @@ def table(rows: list[dict]) -> list[dict]:
 
 
 def explain(lines: list[dict], model: dict) -> str:
-    """Two or three sentences computed from the table: the slopes per cached token and why they differ."""
-    lo, hi = lines[0], lines[-1]
-    span = hi["context"] - lo["context"]
-    macs = model["macs_per_cached_token"]
+    """Two or three sentences computed from the table: the cost per cached token (least-squares slope of ms against
+    the context) of each path, against the multiply-adds the code does per cached token."""
+    lo, hi, macs = lines[0], lines[-1], model["macs_per_cached_token"]
     text = (f"From {lo['context']} to {hi['context']} cached tokens, unabsorbed/absorbed goes from "
             f"{lo['unabsorbed/absorbed']:.2f} to {hi['unabsorbed/absorbed']:.2f} and transformers/absorbed from "
             f"{lo['transformers/absorbed']:.2f} to {hi['transformers/absorbed']:.2f}. ")
-    if span:
-        slope = {p: 1e3 * (hi[p] - lo[p]) / span for p in PATHS}  # microseconds per cached token
-        grows = hi["unabsorbed/absorbed"] > lo["unabsorbed/absorbed"]
-        text += (f"Each more cached token costs {slope['absorbed']:.3f} µs absorbed, {slope['unabsorbed']:.3f} "
-                 f"unabsorbed and {slope['transformers']:.3f} in transformers: the unabsorbed step (and "
-                 f"transformers' expand_kv) re-expands every cached latent through kv_b_proj, "
+    if len(lines) > 1:
+        ctx = [t["context"] for t in lines]
+        us = {p: 1e3 * statistics.linear_regression(ctx, [t[p] for t in lines]).slope for p in PATHS}
+        ratio = macs["unabsorbed"] / macs["absorbed"]
+        text += (f"Each more cached token costs the unabsorbed step {us['unabsorbed']:.1f} µs over the "
+                 f"{model['sizes']['num_hidden_layers']} layers ({us['transformers']:.1f} in transformers): it "
+                 f"re-expands every cached latent through kv_b_proj, as transformers' expand_kv does, "
                  f"{macs['unabsorbed']:,} multiply-adds per token and layer, where the absorbed step scores the "
-                 f"latents directly, {macs['absorbed']:,} (x{macs['unabsorbed'] / macs['absorbed']:.0f} fewer), "
-                 + ("so the gap grows with the context while the per-step fixed cost (projections, MLP) stays. "
-                    if grows else "yet the gap did not grow here: the fixed cost (projections, MLP) still hides "
-                    "that term at these contexts. "))
-    same = lo["latent_bytes"] == lo["transformers_bytes"] and hi["latent_bytes"] == hi["transformers_bytes"]
-    text += ("Both caches hold the same latent bytes (transformers 5.x caches c_kv and k_rope too), so the time is "
-             "in the re-expansion, not in the bytes read." if same else
-             "The caches hold different bytes: see the bytes columns.")
-    return text
+                 f"latents directly, {macs['absorbed']:,} (x{ratio:.0f} fewer). At the unabsorbed rate that is "
+                 f"{us['unabsorbed'] / ratio:.2f} µs per token, {us['unabsorbed'] / ratio * (ctx[-1] - ctx[0]) / 1e3:.1f}"
+                 f" ms over the whole range, small against the absorbed step's {lo['absorbed']:.0f} ms of "
+                 f"projections and MLP (fitted here: {us['absorbed']:.2f} µs per token); "
+                 + ("so the gap grows with the context. " if hi["unabsorbed/absorbed"] > lo["unabsorbed/absorbed"]
+                    else "yet the gap did not grow here. "))
+    same = all(t["latent_bytes"] == t["transformers_bytes"] for t in lines)
+    return text + ("Both caches hold the same bytes (transformers 5.x caches c_kv and k_rope too), so the time "
+                   "goes to the re-expansion, not to reading more cache." if same else
+                   "The two caches hold different bytes: see the bytes columns.")
 
 
 def markdown(report: dict) -> str:
