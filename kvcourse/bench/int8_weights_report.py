@@ -86,7 +86,12 @@ def markdown(report: dict) -> str:
         f"max |logit|; argmax equal (forced): positions whose next-token choice agrees on the same past.", "",
         table(rows), "",
         "Times depend on the machine and its load; they are reported, never asserted. Ratios compare rows timed in the "
-        "same rounds. See `kvcourse/int8_weights.py` for which CPU kernels torch has for each dtype.", ""])
+        "same rounds. On an x86 CPU torch's `_weight_int8pack_mm` is vectorised for bfloat16 only and takes a scalar "
+        "loop for float32 (`kvcourse/int8_weights.py` cites the source), so there the float32 int8 rows read a quarter "
+        "of the weight bytes and still take longer than float32: the saving in bytes becomes a saving in time only "
+        "where the kernel streams the int8 weights as fast as the float matmul streams float ones. Tokens equal "
+        "compares two free-running texts: after the first difference the two models continue different texts, so "
+        "the teacher-forced argmax count is the position-by-position agreement.", ""])
 
 
 def render(report: dict, out_dir: Path | None, say=print) -> dict:
