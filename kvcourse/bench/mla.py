@@ -164,7 +164,8 @@ def markdown(report: dict) -> str:
             "transformers/absorbed", "latent cache bytes", "transformers cache bytes", "max abs Δlogit"]
     md = [f"# MLA decode step: absorbed, unabsorbed, transformers ({report['preset']})", "",
           f"Model: random-weight dense DeepseekV3ForCausalLM ({m['source']}): "
-          f"{', '.join(f'{k} {v}' for k, v in m['sizes'].items())}; float32, batch 1. Clock: CPU time of "
+          f"{', '.join(f'{k} {v}' for k, v in m['sizes'].items())}; float32, batch 1; transformers' attention "
+          f"{m['transformers_attention']!r} (the unabsorbed path uses SDPA too). Clock: CPU time of "
           f"{env['torch_threads']} torch thread (median of {report['repeats']} rounds, paths interleaved). "
           f"{env['cpu']}, {env['cpu_count']} cores; load average {env['load_average_at_start']} at the start, "
           f"{env['load_average_at_end']} at the end; {env['seconds']} s in all; torch {env['torch']}, transformers "
@@ -200,7 +201,7 @@ def run(sizes: dict, contexts: list[int], repeats: int, *, threads: int = 1, see
     cut = "DeepSeek-V2-Lite's config.json, cut to " + ", ".join(f"{k} {v}" for k, v in CUT.items())
     source = {"tiny": "the tests' tiny shape", "v2": cut}.get(
         "tiny" if sizes == TINY else "v2" if sizes == {**V2_LITE, **CUT} else "", "custom sizes")
-    model = {"sizes": sizes, "source": source,
+    model = {"sizes": sizes, "source": source, "transformers_attention": hf.config._attn_implementation,
              "macs_per_cached_token": macs_per_cached_token(ours.args), "bytes_per_token": lines[0]["latent_bytes"]
              // lines[0]["context"]}
     report = {"schema": "kvcourse-mla/1", "preset": preset, "repeats": repeats, "environment": env, "model": model,
