@@ -8,10 +8,12 @@ one answer cell, so everything before that cell is the solution's own run. This 
 - executes the solution notebook once, cell by cell, in an IPython shell set up like nbgrader's kernels
   (``NBGRADER_EXECUTION=autograde``, warnings ignored as ``nbgrader_config.py`` does, offline, Agg plots);
 - just before each cell that a submission patches, forks: the child runs the patched cell and the cells
-  after it, up to the last test cell the submission asks about (all of them when it asks for none), and
+  after it, up to the last test cell the submission asks about (every test cell when it asks for none: the
+  ungraded cells after the last test cell, demos and timing tables, cannot change a grade and are skipped), and
   writes each test cell's verdict the way nbgrader scores it: an error, or anything on stderr, scores 0
   (``nbgrader.utils.determine_grade``), with the error and stderr a learner would see;
-- the parent goes on with the solution's own cell, so its verdicts are the solution's.
+- the parent goes on with the solution's own cells up to the last test cell, so its verdicts are the solution's
+  (that the solution's later cells run without an error is ``test_solution_notebook_crashes``' business).
 
 ``tests/test_graders.py`` runs every mutant and variant through it, and grades a sample of them with real
 ``nbgrader autograde`` as well: both must give the same verdicts and messages on every cell.
@@ -77,7 +79,9 @@ def main(request_path: str, result_path: str) -> None:
         if unknown:
             raise SystemExit(f"{s['student']}: no code cells {unknown} in {request['notebook']}")
     first = {s["student"]: min(index[g] for g in s["patches"]) for s in subs}
-    last = {s["student"]: max((index[g] for g in s.get("until") or []), default=len(cells) - 1) for s in subs}
+    last_test = max((i for i, (gid, _) in enumerate(cells) if gid in graded), default=len(cells) - 1)
+    last = {s["student"]: max((index[g] for g in s.get("until") or []), default=last_test) for s in subs}
+    parent_end = max([last_test, *first.values()])  # the parent must reach every fork point
 
     from traitlets.config import Config
 
@@ -123,7 +127,7 @@ def main(request_path: str, result_path: str) -> None:
         with open(os.path.join(outdir, f"{os.getpid()}.json"), "w") as f:
             json.dump(payload, f)
 
-    for i, (gid, cell) in enumerate(cells):
+    for i, (gid, cell) in enumerate(cells[:parent_end + 1]):
         for sub in subs:
             if first[sub["student"]] != i:
                 continue

@@ -106,7 +106,7 @@ def forked(assignment: str, tmp_path_factory) -> dict:
         for m in (m for m in MUTANTS if m.assignment == assignment):
             subs.append({"student": f"m-{m.id}", "until": m.catches})
         for v in (v for v in VARIANTS if v.assignment == assignment):
-            subs.append({"student": f"v-{v.id}", "until": []})  # to the end: every later test must pass too
+            subs.append({"student": f"v-{v.id}", "until": []})  # every later test cell must pass too
         for sub in subs:
             entry = ENTRIES[sub["student"]]
             nb = patched(sub["student"], assignment)
