@@ -132,3 +132,12 @@ def test_quick_preset_not_applied(tmp_path):
     assert report["model"]["source"] == "the tests' tiny shape"
     args = bench.parse_args([])
     assert (args.contexts, args.repeats) == (bench.PRESETS["full"]["contexts"], bench.PRESETS["full"]["repeats"])
+
+
+def test_bench_mla_flag_does_not_reach_this_benchmark(tmp_path):
+    """``python -m kvcourse.bench --mla ...`` must run this benchmark with the options after the flag."""
+    from kvcourse.bench import cli
+
+    assert cli.main(["--mla", "--tiny", "--contexts", "5", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "mla.json").read_text())
+    assert {r["context"] for r in report["rows"]} == {5}

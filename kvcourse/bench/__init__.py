@@ -35,6 +35,13 @@ The speculative-decoding benchmark (issue 24), ``python -m kvcourse.bench.specul
 kvcourse.bench --speculative``: ``speculative.py`` (prompts, systems, the run, the cost of each pass) and
 ``speculative_report.py`` (ratios, targets, the cost model, tables, the plot); results in docs/bench/speculative.md.
 
+The int8-weight benchmark (issue 25), ``python -m kvcourse.bench.int8_weights [--quick]`` or ``python -m
+kvcourse.bench --int8-weights``: ``int8_weights.py`` (models, the interleaved float / int8 rounds, tokens and the
+teacher-forced logit error) and ``int8_weights_report.py`` (tables and markdown); results in
+docs/bench/int8_weights.md. The MLA decode-step benchmark (issue 25), ``python -m kvcourse.bench.mla [--quick]`` or
+``python -m kvcourse.bench --mla``: ``mla.py`` (absorbed, unabsorbed and ``transformers`` at 128 to 4,096 cached
+tokens, with the bytes each cache holds); results in docs/bench/mla.md.
+
 Outputs in ``--out`` (default ``bench-out/``): ``bench.json`` (every figure, raw times, environment),
 ``bench.md`` (the tables, also printed), ``time_per_token.png``, ``cache_update.png`` and, with
 ``--batch-sweep``, ``batch_sweep.png``.

@@ -17,6 +17,7 @@ Three presets set the defaults; any option given explicitly overrides its preset
 variant). ``--speculative`` runs the speculative-decoding benchmark instead (``kvcourse.bench.speculative``;
 ``--speculative --quick`` for its short variant). ``--int8-weights`` runs the int8-weight benchmark instead
 (``kvcourse.bench.int8_weights``: float against int8 weights on the fast path, batch 1; ``--int8-weights --quick``).
+``--mla`` runs the MLA decode-step benchmark instead (``kvcourse.bench.mla``; ``--mla --quick``).
 
 ``--batch-sweep [METHOD]`` adds the batch sweep (``kvcourse.bench.sweep``) for each model, batch 1, 2,
 4, ... up to ``--batch-max`` (64 on CUDA, 32 elsewhere).
@@ -119,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the int8-weight benchmark instead (kvcourse.bench.int8_weights: float against int8 "
                         "weights, ms/token, bytes per step, tokens and logit error); the options after it are its "
                         "own: python -m kvcourse.bench --int8-weights --help")
+    p.add_argument("--mla", action="store_true",
+                   help="run the MLA decode-step benchmark instead (kvcourse.bench.mla: absorbed against unabsorbed "
+                        "against transformers, contexts 128..4096); the options after it are its own: "
+                        "python -m kvcourse.bench --mla --help")
     return p.parse_args(argv)
 
 
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ``--serve`` hands the other arguments to the serving benchmark (``kvcourse.bench.serve.main``), and
     ``--speculative`` to the speculative-decoding benchmark (``kvcourse.bench.speculative.main``), ``--int8-weights``
-    to the int8-weight benchmark (``kvcourse.bench.int8_weights.main``)."""
+    to the int8-weight benchmark (``kvcourse.bench.int8_weights.main``), ``--mla`` to the MLA decode-step benchmark
+    (``kvcourse.bench.mla.main``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--serve" in argv:
         from .serve import main as serve_main
@@ -203,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         from .int8_weights import main as int8_main
 
         return int8_main([a for a in argv if a != "--int8-weights"])
+    if "--mla" in argv:
+        from .mla import main as mla_main
+
+        return mla_main([a for a in argv if a != "--mla"])
     args = parse_args(argv)
     plan = make_plan(args)
     try:
