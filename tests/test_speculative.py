@@ -338,3 +338,34 @@ def test_a_batch_accepted(bard):
 def test_draft_model_file_missing():
     assert (DRAFT_MODEL / "model.safetensors").exists()
     assert (DRAFT_MODEL / "README.md").read_text().count("bard_draft") >= 1
+
+
+class ProposeOnly:
+    """A third party's drafter: only ``propose``, returning what it is given (no reset, no pass counter)."""
+
+    def __init__(self, reference: list[int], shape=None):
+        self.reference, self.shape = reference, shape
+
+    def propose(self, context, k):
+        nxt = self.reference[len(context):len(context) + k]
+        return (nxt if self.shape == "list" else torch.tensor(nxt, dtype=torch.long) + (5000 if self.shape == "big"
+                                                                                        else 0)), None
+
+
+def test_drafter_with_only_propose_crashes(bard):
+    _, tok, target = bard
+    ids = tok(SHAKESPEARE, return_tensors="pt").input_ids
+    plain = speculative_generate(target, ids, 12, Oracle([]), 1)  # drafts nothing: the target's greedy tokens
+    out = speculative_generate(target, ids, 12, ProposeOnly(plain.tokens[0].tolist()), 3)
+    assert torch.equal(out.tokens, plain.tokens) and out.draft_passes == 0
+    assert out.target_passes == 1 + math.ceil(11 / 4)  # every draft kept
+
+
+@pytest.mark.parametrize("shape, error, match", [("list", TypeError, "1-D tensor of token ids"),
+                                                  ("big", ValueError, "outside the vocabulary")])
+def test_bad_proposal_not_named(bard, shape, error, match):
+    _, tok, target = bard
+    ids = tok(SHAKESPEARE, return_tensors="pt").input_ids
+    ref = ids[0].tolist() + [1] * 20
+    with pytest.raises(error, match=match):
+        speculative_generate(target, ids, 8, ProposeOnly(ref, shape), 2)

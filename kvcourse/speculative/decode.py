@@ -65,6 +65,20 @@ def _check_drafter(drafter, vocab: int | None) -> None:
                          f"draft model must share its target's tokenizer, so that token ids mean the same thing")
 
 
+def _check_proposal(drafts, q, want: int, vocab: int | None, drafter) -> None:
+    """A drafter's ``propose`` returns ``(drafts, q)``: drafts a 1-D integer tensor of at most ``want`` ids (more are
+    cut), ``q`` None or one row of draft probabilities per draft."""
+    who = type(drafter).__name__
+    if not isinstance(drafts, torch.Tensor) or drafts.dim() != 1 or drafts.dtype.is_floating_point:
+        raise TypeError(f"{who}.propose must return (drafts, q) with drafts a 1-D tensor of token ids, got "
+                        f"{type(drafts).__name__} {getattr(drafts, 'shape', '')} {getattr(drafts, 'dtype', '')}")
+    if drafts.numel() and (int(drafts.min()) < 0 or (vocab is not None and int(drafts.max()) >= vocab)):
+        raise ValueError(f"{who}.propose returned token ids {drafts.tolist()[:want]} outside the vocabulary 0..{vocab}")
+    if q is not None and (not isinstance(q, torch.Tensor) or q.dim() != 2 or q.shape[0] < min(want, len(drafts))):
+        raise ValueError(f"{who}.propose must return q as None or (k, V) draft probabilities, one row a draft, got "
+                         f"{getattr(q, 'shape', type(q).__name__)} for {min(want, len(drafts))} drafts")
+
+
 def _check_verdict(kept, nxt, proposed: int, vocab: int | None, hook) -> tuple[int, int]:
     """(kept, next) as ints in range, or a ValueError naming what the verifier returned."""
     who = "accept" if hook is not None else "the verifier"
@@ -120,8 +134,9 @@ def speculative_generate(target, input_ids: torch.Tensor, max_new_tokens: int,
         cache = KVCache.for_model(target, 1, t + max_new_tokens + k)
     else:
         cache.reset()
-    drafter.reset()
-    draft_before = drafter.forward_passes
+    if callable(getattr(drafter, "reset", None)):  # the course's drafters; a third party's need only propose
+        drafter.reset()
+    draft_before = getattr(drafter, "forward_passes", 0)
     out = SpeculativeOutput(tokens=input_ids)
     if max_new_tokens == 0:
         return out
@@ -138,6 +153,7 @@ def speculative_generate(target, input_ids: torch.Tensor, max_new_tokens: int,
             drafts, q = drafter.propose(context, want, sample=True, generator=generator)
         else:
             drafts, q = drafter.propose(context, want)
+        _check_proposal(drafts, q, want, vocab, drafter)
         drafts = drafts[:want]
         held = len(context) - 1  # the target's cache holds everything but the last token
         step = torch.tensor([[context[-1], *drafts.tolist()]], device=input_ids.device)  # (1, 1 + k')
@@ -164,5 +180,5 @@ def speculative_generate(target, input_ids: torch.Tensor, max_new_tokens: int,
         out.proposed.append(len(drafts))
         out.accepted.append(kept)
     out.tokens = torch.tensor([context], dtype=torch.long, device=input_ids.device)
-    out.draft_passes = drafter.forward_passes - draft_before
+    out.draft_passes = getattr(drafter, "forward_passes", 0) - draft_before
     return out
