@@ -120,14 +120,21 @@ def _latent_hint(attn, x: torch.Tensor, got_c: torch.Tensor, got_r: torch.Tensor
         rotate = _rotator(attn, torch.arange(past, past + x.shape[1]), x.dtype)
         normed = attn.kv_a_layernorm(raw_c)
         close = lambda u, v: u.shape == v.shape and torch.allclose(u, v, atol=1e-5)  # noqa: E731
-        if close(got_c, rotate(normed)) or close(got_c, rotate(raw_c)):
-            return "RoPE was applied to the latent c_kv: it belongs on the decoupled key k_rope only (the latent " \
-                   "must stay position-free so that kv_b_proj can be absorbed)"
-        if close(got_c, raw_c) or close(got_c, attn.kv_a_layernorm(rotate(raw_c))):
-            return "the latent c_kv is cached without its RMSNorm (kv_a_layernorm)"
+        dr = a.qk_rope_head_dim
+
+        def rotated(c):  # the whole latent, its first or its last Dr numbers rotated
+            return [rotate(c), torch.cat([rotate(c[..., :dr]), c[..., dr:]], -1),
+                    torch.cat([c[..., :-dr], rotate(c[..., -dr:])], -1)]
+
+        hints = []
+        if any(close(got_c, v) for v in rotated(normed) + rotated(raw_c)):
+            hints.append("RoPE was applied to the latent c_kv: it belongs on the decoupled key k_rope only (the "
+                         "latent must stay position-free so that kv_b_proj can be absorbed)")
+        elif close(got_c, raw_c) or close(got_c, attn.kv_a_layernorm(rotate(raw_c))):
+            hints.append("the latent c_kv is cached without its RMSNorm (kv_a_layernorm)")
         if close(got_r, raw_r):
-            return "k_rope is cached without RoPE: rotate the decoupled key before it is cached"
-    return ""
+            hints.append("k_rope is cached without RoPE: rotate the decoupled key before it is cached")
+    return "; and ".join(hints)
 
 
 def check_latent_update(fn: Callable, hf_model, prompt_len: int = 10, new_tokens: int = 6, batch: int = 2,
@@ -237,6 +244,23 @@ def absorbed_hook(model: MLAModel, fn: Callable) -> Iterator[None]:
             del attn._absorbed
 
 
+class _NaNCastSpy(torch.overrides.TorchFunctionMode):
+    """Records the torch functions that turn a float tensor holding NaN into an int8 tensor (an undefined cast in
+    C++: x86 happens to give 0, so the result can look right while the answer divided 0 by 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[0] if args else None
+        if (isinstance(out, torch.Tensor) and out.dtype == torch.int8 and isinstance(src, torch.Tensor)
+                and src.is_floating_point() and bool(torch.isnan(src).any())):
+            self.casts.append(getattr(func, "__name__", str(func)))
+        return out
+
+
 class _ShapeSpy(torch.overrides.TorchFunctionMode):
     """Records the shape of every tensor a torch function returns."""
 
@@ -269,6 +293,8 @@ def _absorbed_variants(attn, q_nope, q_rope, c_kv, k_rope):
     right = w.view(h, dn + dv, r)
     wrong = w.view(h, r, dn + dv).transpose(1, 2)
     full = a.qk_head_dim ** -0.5
+    layout_hint = "kv_b_proj.weight is (heads x (Dn + Dv), R), head after head, each head's Dn key rows then its " \
+                  "Dv value rows: view it as (H, Dn + Dv, R) and split the middle axis into W_UK and W_UV"
     scale_hint = "the softmax scale is 1/sqrt of the FULL head's query-key width, the nope and the rope parts " \
                  "together, not of the latent or of one part"
     return [(step(right[:, :dn], right[:, dn:], r ** -0.5), scale_hint),
@@ -276,8 +302,8 @@ def _absorbed_variants(attn, q_nope, q_rope, c_kv, k_rope):
             (step(right[:, :dn], right[:, dn:], 1.0), scale_hint),
             (step(right[:, :dn], right[:, dn:], full, rope=False), "the scores miss the decoupled RoPE part: "
              "q_rope . k_rope is added to the latent part's score"),
-            (step(wrong[:, :dn], wrong[:, dn:], full), "kv_b_proj.weight is (heads x (Dn + Dv), R): view it as "
-             "(H, Dn + Dv, R) and split the middle axis into W_UK and W_UV")]
+            (step(wrong[:, :dn], wrong[:, dn:], full), layout_hint),
+            (step(w[:h * dn].view(h, dn, r), w[h * dn:].view(h, dv, r), full), layout_hint)]
 
 
 def check_absorbed(fn: Callable, hf_model, prompt_len: int = 40, steps: int = 4, batch: int = 2,
@@ -634,8 +660,15 @@ def check_quantize_rows(fn: Callable, weight: torch.Tensor, what: str) -> tuple[
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         got = f"{tuple(weight.shape)} {weight.dtype}" if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"check_quantize_rows takes a float weight (out_features, in_features), got {got}")
-    got = run_checked(f"quantize_rows on {what}", fn, weight.clone())
+    spy = _NaNCastSpy()
+    with spy:
+        got = run_checked(f"quantize_rows on {what}", fn, weight.clone())
     expect(isinstance(got, tuple | list) and len(got) == 2, f"quantize_rows on {what} must return (q, scales)")
+    zero_rows = int((weight == 0).all(dim=1).sum())
+    expect(not spy.casts, f"quantize_rows on {what}: a tensor holding NaN was cast to int8 (by "
+           f"{spy.casts[0] if spy.casts else ''}): an undefined result, which happens to be 0 on some machines",
+           hint=f"the weight has {zero_rows} row(s) of zeros: their scale is 0 and 0 / 0 is NaN; give such a row "
+           f"q = 0 without dividing by its zero scale" if zero_rows else "")
     q, scales = got
     out_f, in_f = weight.shape
     expect(isinstance(q, torch.Tensor) and q.dtype == torch.int8 and tuple(q.shape) == (out_f, in_f),
