@@ -34,7 +34,7 @@ import torch
 from ..devices import pick_device, pick_dtype
 from .harness import run
 from .methods import METHODS, TokenMismatchError
-from .plan import Plan, batch_sizes, parse_model_spec
+from .plan import Plan, batch_sizes, check_model_specs
 
 GPU_QUICK_METHODS = ["course_fast", "course_graph", "course_graph_compiled", "hf_dynamic", "hf_static"]
 SWEEP_METHODS = ["course_fast", "course_static", "course_graph", "course_graph_compiled"]
@@ -174,18 +174,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise SystemExit("--cache-lengths must be >= 1")
     if batch_max < 1:
         raise SystemExit("--batch-max must be >= 1")
-    from ..models import BUNDLED_NAMES
-    from ..shapes import get_shape
-
-    for spec in plan.models:
-        try:
-            model, layers = parse_model_spec(spec)
-            if model in BUNDLED_NAMES and layers is not None:
-                raise ValueError(f"the bundled model has a fixed depth: use 'bundled', not {spec!r}")
-            if model not in BUNDLED_NAMES:
-                get_shape(model)
-        except (ValueError, KeyError) as err:
-            raise SystemExit(f"--models: {err.args[0]}") from err
+    check_model_specs(plan.models)
     return plan
 
 

@@ -215,9 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_plan(args: argparse.Namespace) -> Plan:
     """The Plan of a run: the preset's values, overridden by the options given; SystemExit naming a bad option."""
     from ..devices import pick_device
-    from ..models import BUNDLED_NAMES
-    from ..shapes import get_shape
-    from .plan import parse_model_spec
+    from .plan import check_model_specs
 
     name = "quick" if args.quick else "full"
     pre = PRESETS[name]
@@ -239,15 +237,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     bad = [d for d in plan.dtypes if d not in DTYPES]
     if bad:
         raise SystemExit(f"--dtypes takes {', '.join(DTYPES)}; got {', '.join(bad)}")
-    for spec in plan.models:
-        try:
-            model, layers = parse_model_spec(spec)
-            if model in BUNDLED_NAMES and layers is not None:
-                raise ValueError(f"the bundled model has a fixed depth: use 'bundled', not {spec!r}")
-            if model not in BUNDLED_NAMES:
-                get_shape(model)
-        except (ValueError, KeyError) as err:
-            raise SystemExit(f"--models: {err.args[0]}") from err
+    check_model_specs(plan.models)
     return plan
 
 

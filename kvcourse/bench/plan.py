@@ -110,6 +110,22 @@ def parse_model_spec(spec: str) -> tuple[str, int | None]:
     return name, None
 
 
+def check_model_specs(specs: list[str]) -> None:
+    """Refuse, as a command-line error naming ``--models``, a spec that is no bundled model or known shape."""
+    from ..models import BUNDLED_NAMES
+    from ..shapes import get_shape
+
+    for spec in specs:
+        try:
+            model, layers = parse_model_spec(spec)
+            if model in BUNDLED_NAMES and layers is not None:
+                raise ValueError(f"the bundled model has a fixed depth: use 'bundled', not {spec!r}")
+            if model not in BUNDLED_NAMES:
+                get_shape(model)
+        except (ValueError, KeyError) as err:
+            raise SystemExit(f"--models: {err.args[0]}") from err
+
+
 def load_models(specs: list[str], device: torch.device, seed: int) -> Iterator[Model]:
     """Yield a Model for each spec, one at a time (so a big model can be freed before the next loads)."""
     from ..models import BUNDLED_NAMES, load_model
