@@ -49,8 +49,7 @@ def released_courses(base: Path, assignment: str, n: int) -> list[Path]:
     assert release.returncode == 0, release.stdout + release.stderr
     courses = [first]
     for j in range(1, n):
-        (base / f"job{j}").mkdir(parents=True, exist_ok=True)
-        courses.append(Path(shutil.copytree(first, base / f"job{j}" / "course")))
+        courses.append(Path(shutil.copytree(first, base / f"job{j}" / "course")))  # makes job{j}/ too
     return courses
 
 
@@ -102,9 +101,14 @@ def scores(course: Path, assignment: str) -> dict[str, dict[str, tuple[float, fl
     return out
 
 
+def autograded_path(course: Path, student: str, assignment: str) -> Path:
+    """Where ``nbgrader autograde`` wrote ``student``'s executed notebook."""
+    return course / "autograded" / student / assignment / notebook_name(assignment)
+
+
 def failure_text(course: Path, student: str, assignment: str, grade_id: str) -> str:
     """The error a learner sees under test cell ``grade_id`` of their autograded notebook."""
-    path = course / "autograded" / student / assignment / notebook_name(assignment)
+    path = autograded_path(course, student, assignment)
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.metadata.get("nbgrader", {}).get("grade_id") == grade_id:

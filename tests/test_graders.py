@@ -40,6 +40,7 @@ from graders import (
     ROOT,
     Mutant,
     autograde_many,
+    autograded_path,
     failure_text,
     graded_cells,
     grading_env,
@@ -155,8 +156,7 @@ def test_solution_notebook_crashes(assignment, tmp_path_factory):
     """Every cell of the solution, graded or not, runs offline without an error (nbgrader ran it top to bottom)."""
     course_of, result, procs = graded(assignment, tmp_path_factory)
     assert result.get("solution"), f"solution of {assignment} was not graded{_explain(procs)}"
-    path = course_of["solution"] / "autograded" / "solution" / assignment / notebook_name(assignment)
-    nb = nbformat.read(path, as_version=4)
+    nb = nbformat.read(autograded_path(course_of["solution"], "solution", assignment), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.get("execution_count") for c in code if c.source.strip()), f"{assignment}: nbgrader left cells of the solution unrun"
     errors = [(i, o.get("ename"), o.get("evalue", "")[:300]) for i, c in enumerate(nb.cells)

@@ -348,8 +348,10 @@ class ProposeOnly:
 
     def propose(self, context, k):
         nxt = self.reference[len(context):len(context) + k]
-        return (nxt if self.shape == "list" else torch.tensor(nxt, dtype=torch.long) + (5000 if self.shape == "big"
-                                                                                        else 0)), None
+        if self.shape == "list":
+            return nxt, None
+        offset = 5000 if self.shape == "big" else 0  # "big": ids past the 2048-token vocabulary
+        return torch.tensor(nxt, dtype=torch.long) + offset, None
 
 
 def test_drafter_with_only_propose_crashes(bard):
